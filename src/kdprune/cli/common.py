@@ -1,0 +1,118 @@
+"""Pieces shared by the CLI commands: the run config, flag groups, YAML + flag merging."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdprune.cli.config_io import UNION_NAMES, from_dict, load_yaml
+from kdprune.training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `kdprune train` runs: model + data + training config (YAML files fill this)."""
+
+    model: str = "resnet20"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    train_subset: int | None = None
+    val_subset: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# flag dest -> (section, key): where an explicitly given flag lands in the config dict
+_TRAIN_FLAGS = ("epochs", "batch_size", "eval_batch_size", "label_smoothing", "grad_clip", "bf16",
+                "channels_last", "compile", "seed", "device", "threads", "max_steps_per_epoch",
+                "eval_every", "augment", "progress")
+_OPT_FLAGS = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}
+_SCHED_FLAGS = {"warmup_epochs": "warmup_epochs", "min_lr": "min_lr", "max_lr": "max_lr"}
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data, --data-root, subsets."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="data set name: fashion-mnist (default), mnist, cifar10, cifar100, imagefolder")
+    g.add_argument("--data-root", help="folder holding the data set files (default: the set's standard path)")
+    g.add_argument("--train-subset", type=int, help="use only the first N (seeded) training images")
+    g.add_argument("--val-subset", type=int, help="use only N (seeded) validation images")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag (defaults live in the dataclass, not here)."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="number of epochs (default 15)")
+    g.add_argument("--batch-size", type=int, help="global batch size, split over torchrun ranks (default 128)")
+    g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 512)")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (default sgd)")
+    g.add_argument("--lr", type=float, help="learning rate (sgd default 0.1, adam/adamw 1e-3)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (sgd 5e-4, adamw 1e-2)")
+    g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"],
+                   help="LR schedule, stepped per batch (default cosine)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (constant/step/cosine)")
+    g.add_argument("--min-lr", type=float, help="final LR of the cosine schedule (default 0)")
+    g.add_argument("--max-lr", type=float, help="peak LR of the one-cycle schedule (default: --lr)")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing for cross-entropy (default 0)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                   help="turn off the data set's default augmentation")
+    g.add_argument("--bf16", action="store_const", const=True, help="bf16 autocast")
+    g.add_argument("--channels-last", action="store_const", const=True, help="channels_last memory format")
+    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (smoke runs)")
+    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (default 1)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bars or per-epoch lines")
+
+
+def merge_train_flags(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Overlay the training flags the user gave on a TrainConfig dict from YAML."""
+    out = dict(base)
+    out.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
+    out["optimizer"] = _merge_union(out.get("optimizer"), getattr(args, "optimizer", None),
+                                    {v: getattr(args, k, None) for k, v in _OPT_FLAGS.items()}, "sgd")
+    out["schedule"] = _merge_union(out.get("schedule"), getattr(args, "schedule", None),
+                                   {v: getattr(args, k, None) for k, v in _SCHED_FLAGS.items()}, "cosine")
+    return out
+
+
+def _merge_union(current: Any, name: str | None, values: dict[str, Any], default: str) -> dict[str, Any]:
+    cur = {"type": current} if isinstance(current, str) else dict(current or {"type": default})
+    if name is not None and name != cur.get("type"):
+        cur = {"type": name}
+    cur.update({k: v for k, v in values.items() if v is not None})
+    fields = UNION_NAMES[cur["type"]].__dataclass_fields__
+    bad = [k for k in cur if k != "type" and k not in fields]
+    if bad:
+        raise SystemExit(f"error: option(s) {bad} do not apply to {cur['type']!r}")
+    return cur
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    """YAML (--config) first, then explicit flags on top; defaults come from the dataclasses."""
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for key in ("model", "data", "data_root", "train_subset", "val_subset"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if getattr(args, "model_kwargs", None):
+        data["model_kwargs"] = {**data.get("model_kwargs", {}), **args.model_kwargs}
+    data["train"] = merge_train_flags(data.get("train", {}), args)
+    return from_dict(RunConfig, data, where=str(getattr(args, "config", None) or "flags"))
+
+
+def parse_kv(items: list[str] | None) -> dict[str, Any]:
+    """--model-kwargs shortcut=B width_mult=0.5 -> {"shortcut": "B", "width_mult": 0.5} (YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: --model-kwargs expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out

@@ -1,0 +1,68 @@
+"""`kdprune eval`: load a trained or pruned model (no pickle) and report accuracy, size, latency."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kdprune.cli.common import add_data_args
+
+
+def add_parser(sub) -> None:
+    """Register the `eval` sub-command."""
+    p = sub.add_parser("eval", help="evaluate a saved model directory",
+                       description="Evaluate a run directory from `kdprune train`/`compress` or a saved "
+                                   "model directory (structure.json + model.safetensors).")
+    p.add_argument("path", help="run directory or saved model directory")
+    add_data_args(p)
+    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
+    p.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def model_dir(path: Path) -> Path:
+    """The saved-model folder inside a run directory (or `path` itself)."""
+    for cand in (path, path / "model"):
+        if (cand / "structure.json").is_file():
+            return cand
+    raise FileNotFoundError(f"{path} holds no saved model (structure.json); "
+                            f"give a run directory from `kdprune train` or a `save_pruned` folder")
+
+
+def run_data_name(path: Path) -> tuple[str | None, str | None]:
+    """The data set (name, root) recorded in a run directory's config.json, if any."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None, None
+    run = json.loads(cfg.read_text()).get("run", {})
+    return run.get("data"), run.get("data_root")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, evaluate, print."""
+    import kdprune as kp
+
+    path = Path(args.path)
+    model = kp.load_pruned(model_dir(path))
+    name, root = run_data_name(path)
+    name, root = args.data or name or "fashion-mnist", args.data_root or root
+    _, val = kp.data.load(name, **({"root": root} if root else {}))
+    if args.val_subset:
+        val = val.subset(args.val_subset)
+    report = {"model": str(path), "data": name, **kp.evaluate(model, val, batch_size=args.batch_size)}
+    report.update(kp.complexity(model, input_size=(1, *val.images.shape[1:])).as_dict())
+    if args.latency:
+        lat = kp.metrics.measure_latency(model, tuple(val.images.shape[1:]))
+        report["latency_ms"] = {bs: r["median_ms"] for bs, r in lat.items()}
+    print(json.dumps(report, indent=2) if args.json else _format(report))
+    return 0
+
+
+def _format(r: dict) -> str:
+    lines = [f"{r['model']} on {r['data']} ({int(r['n'])} images)",
+             f"  top1 {r['top1']:.2f}%  top5 {r['top5']:.2f}%  loss {r['loss']:.4f}",
+             f"  params {r['params']:,}  MACs {r['macs']:,}  FLOPs {r['flops']:,}"]
+    if "latency_ms" in r:
+        lines.append("  latency " + "  ".join(f"bs{b}: {ms:.2f} ms" for b, ms in r["latency_ms"].items()))
+    return "\n".join(lines)

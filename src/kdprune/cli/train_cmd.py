@@ -1,0 +1,57 @@
+"""`kdprune train`: train a zoo model on a data set, resumable, DDP under torchrun."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config, parse_kv
+from kdprune.cli.config_io import to_tagged_dict
+
+
+def add_parser(sub) -> None:
+    """Register the `train` sub-command."""
+    p = sub.add_parser("train", help="train a model on a data set",
+                       description="Train a zoo model. YAML (--config) fills the same options as the "
+                                   "flags; flags win. Writes config.json, metrics.jsonl, checkpoint.pt "
+                                   "and the final model (safetensors + structure.json) into --out. "
+                                   "Run under `torchrun --nproc-per-node N` for data-parallel training.")
+    p.add_argument("--config", help="YAML file with RunConfig fields (model, data, train: {...})")
+    p.add_argument("--model", help="zoo model name (default resnet20); see `kdprune info --list`")
+    p.add_argument("--model-kwargs", nargs="*", type=str, metavar="KEY=VALUE", action="extend",
+                   help="extra model arguments, e.g. shortcut=B")
+    add_data_args(p)
+    add_train_args(p)
+    p.add_argument("--out", required=True, help="run directory (created)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=run)
+
+
+def load_run_data(cfg: RunConfig):
+    """The (train, val) data sets a RunConfig names, subset if asked."""
+    import kdprune as kp
+
+    kwargs = {"root": cfg.data_root} if cfg.data_root else {}
+    train, val = kp.data.load(cfg.data, **kwargs)
+    if cfg.train_subset:
+        train = train.subset(cfg.train_subset, seed=cfg.train.seed)
+    if cfg.val_subset:
+        val = val.subset(cfg.val_subset, seed=cfg.train.seed)
+    return train, val
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the config, the model and the data, then train."""
+    import kdprune as kp
+    from kdprune.utils.dist import is_main_process
+
+    args.model_kwargs = parse_kv(args.model_kwargs)
+    cfg = build_run_config(args)
+    train, val = load_run_data(cfg)
+    model = kp.create_model(cfg.model, num_classes=train.num_classes, in_chans=train.in_chans, **cfg.model_kwargs)
+    res = kp.train(model, train, val, cfg.train, out_dir=Path(args.out), resume=args.resume,
+                   record={"run": to_tagged_dict(cfg)})
+    if is_main_process():
+        m = res.metrics
+        print(f"done: {cfg.model} on {cfg.data}: val top1 {m.get('val_top1', float('nan')):.2f}%  "
+              f"(loss {m.get('val_loss', float('nan')):.4f}) -> {args.out}")
+    return 0

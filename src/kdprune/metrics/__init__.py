@@ -1,0 +1,27 @@
+"""Accuracy, params/MACs/FLOPs, per-layer tables, latency."""
+from kdprune.metrics.accuracy import AccuracyMeter, topk_accuracy, topk_correct
+from kdprune.metrics.complexity import (
+    Complexity,
+    complexity,
+    count_params,
+    format_markdown,
+    format_table,
+    layer_table,
+    layer_widths,
+)
+from kdprune.metrics.latency import compare_latency, measure_latency
+
+__all__ = [
+    "AccuracyMeter",
+    "Complexity",
+    "compare_latency",
+    "complexity",
+    "count_params",
+    "format_markdown",
+    "format_table",
+    "layer_table",
+    "layer_widths",
+    "measure_latency",
+    "topk_accuracy",
+    "topk_correct",
+]

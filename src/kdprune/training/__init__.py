@@ -1,0 +1,10 @@
+"""Training: typed configs, the loop (DDP, resume, progress), evaluation, checkpoints."""
+from kdprune.training.callbacks import Callback, LoopState, StopTraining
+from kdprune.training.config import SGD, Adam, AdamW, Constant, Cosine, OneCycle, Step, TrainConfig
+from kdprune.training.evaluate import evaluate
+from kdprune.training.loop import TrainResult, check_input_compat, resolve_device, train
+
+__all__ = [
+    "Adam", "AdamW", "Callback", "Constant", "Cosine", "LoopState", "OneCycle", "SGD", "Step",
+    "StopTraining", "TrainConfig", "TrainResult", "check_input_compat", "evaluate", "resolve_device", "train",
+]

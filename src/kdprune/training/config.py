@@ -1,0 +1,103 @@
+"""Typed training configs: optimizers, schedules and the TrainConfig that holds them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with momentum (the CIFAR-ResNet default)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (L2 weight decay added to the gradient)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW (decoupled weight decay)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+
+
+@dataclass(frozen=True)
+class Constant:
+    """Constant learning rate, with optional linear warm-up."""
+
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """Multiply the LR by `gamma` at each milestone, given as fractions of the run."""
+
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Cosine decay to `min_lr` over the run, per batch, with optional linear warm-up."""
+
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class OneCycle:
+    """torch.optim.lr_scheduler.OneCycleLR, stepped per batch; `max_lr` None = optimizer lr."""
+
+    max_lr: float | None = None
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+
+
+OptimizerConfig = Union[SGD, Adam, AdamW]
+ScheduleConfig = Union[Constant, Step, Cosine, OneCycle]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the model, the data and the task."""
+
+    epochs: int = 15
+    batch_size: int = 128  # global: split evenly over torchrun ranks
+    eval_batch_size: int = 512
+    optimizer: OptimizerConfig = field(default_factory=SGD)
+    schedule: ScheduleConfig = field(default_factory=Cosine)
+    label_smoothing: float = 0.0
+    augment: bool = True
+    grad_clip: float | None = None
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    max_steps_per_epoch: int | None = None  # cap for smoke runs and demos
+    eval_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("TrainConfig.batch_size and eval_batch_size must be >= 1")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
