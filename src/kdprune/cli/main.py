@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdprune.cli import eval_cmd, info_cmd, train_cmd
+from kdprune.cli import compress_cmd, eval_cmd, info_cmd, train_cmd
 
-COMMANDS = (train_cmd, eval_cmd, info_cmd)
+COMMANDS = (train_cmd, compress_cmd, eval_cmd, info_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ class Callback:
     def on_train_start(self, state: LoopState) -> None:
         """Called once, after the optimizer exists and any checkpoint has been restored."""
 
+    def on_after_backward(self, state: LoopState) -> None:
+        """Called after loss.backward(), before the optimizer step (e.g. to add regularisation grads)."""
+
     def on_step_end(self, state: LoopState) -> None:
         """Called after each optimizer step (state.step already counts it)."""
 

@@ -85,6 +85,8 @@ def _train_epoch(runner, task, loader, opt, sched, cfg, state, callbacks, device
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_grads(extra_params(task))
+        for cb in callbacks:
+            cb.on_after_backward(state)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.grad_clip)
         opt.step()

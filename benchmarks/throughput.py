@@ -1,0 +1,70 @@
+"""Trainer throughput as a ratio to a bare PyTorch loop (same model, batch, data, optimizer).
+
+    python benchmarks/throughput.py --model resnet20 --steps 60 --rounds 3
+
+Rounds interleave the two loops (timing on shared CPUs is noisy in bursts); the ratio of
+medians goes to benchmarks/results/throughput.{json,md}. Target: >= 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kdprune as kp
+from common import write_results
+
+
+def bare_loop(model, train, batch_size: int, steps: int, seed: int) -> float:
+    """Images/s of the plainest loop: in-memory normalised tensors, SGD, cross-entropy."""
+    x_all, y_all = train.normalized(), train.labels
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y_all), generator=g)
+    model.train()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        idx = perm[i * batch_size:(i + 1) * batch_size]
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def kdprune_loop(model, train, batch_size: int, steps: int, seed: int) -> float:
+    """Images/s of kp.train for the same number of steps (no eval, no augmentation, no bars)."""
+    cfg = kp.TrainConfig(epochs=1, batch_size=batch_size, optimizer=kp.SGD(lr=0.05), augment=False,
+                         max_steps_per_epoch=steps, progress=False, seed=seed)
+    return kp.train(model, train, None, cfg).history[0]["train_images_per_s"]
+
+
+def main() -> None:
+    """Interleave bare and kdprune rounds; report medians and their ratio."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    train, _ = kp.data.load("fashion-mnist")
+    rates: dict[str, list[float]] = {"bare": [], "kdprune": []}
+    for r in range(args.rounds):
+        order = [("bare", bare_loop), ("kdprune", kdprune_loop)][:: 1 if r % 2 == 0 else -1]
+        for name, fn in order:
+            torch.manual_seed(r)
+            model = kp.create_model(args.model, num_classes=10, in_chans=1)
+            rates[name].append(fn(model, train, args.batch_size, args.steps, r))
+            print(f"round {r} {name}: {rates[name][-1]:.0f} img/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    row = {"model": args.model, "batch": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+           "bare_img_s": med["bare"], "kdprune_img_s": med["kdprune"], "ratio": med["kdprune"] / med["bare"]}
+    cols = {k: k for k in row}
+    print(open(write_results("throughput", [row], cols, {"all_rates": rates})).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Allocation: turn per-channel scores into a pruning plan (which channels of which group to
+remove), either uniformly per group or with one global threshold over normalised scores."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from kdprune.engine.graph import ChannelGroup
+
+__all__ = ["PruningPlan", "plan_pruning", "round_width", "MODES"]
+
+MODES = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Group root FQN -> sorted channel indices (root numbering) to REMOVE."""
+
+    removals: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clean = {str(k): tuple(sorted({int(i) for i in v})) for k, v in self.removals.items()}
+        object.__setattr__(self, "removals", clean)
+
+    def __getitem__(self, root: str) -> tuple[int, ...]:
+        return self.removals[root]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.removals)
+
+    def __len__(self) -> int:
+        return len(self.removals)
+
+    def __contains__(self, root: object) -> bool:
+        return root in self.removals
+
+    def items(self):
+        """(root, idxs) pairs."""
+        return self.removals.items()
+
+    @property
+    def num_removed(self) -> int:
+        """Total number of channels removed over all groups."""
+        return sum(len(v) for v in self.removals.values())
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """JSON-ready dict."""
+        return {k: list(v) for k, v in self.removals.items()}
+
+
+def round_width(keep: int, channels: int, min_width: int = 1, round_to: int | None = None) -> int:
+    """Clamp a kept width to [min_width, channels] and, with ``round_to``, round a pruned width to
+    the nearest multiple inside that range (unpruned groups, or groups where no multiple fits,
+    keep their full width)."""
+    lo = min(max(1, min_width), channels)
+    keep = max(lo, min(channels, keep))
+    if not round_to or round_to <= 1 or keep == channels:
+        return keep
+    first = math.ceil(lo / round_to) * round_to
+    if first > channels:
+        return channels  # no legal multiple: leave the group alone rather than break the rule
+    last = (channels // round_to) * round_to
+    nearest = int(math.floor(keep / round_to + 0.5)) * round_to
+    return max(first, min(last, nearest))
+
+
+def _check(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float,
+           mode: str, min_width: int, round_to: int | None) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if min_width < 1:
+        raise ValueError(f"min_width must be >= 1, got {min_width}")
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to must be a positive int or None, got {round_to}")
+    for g in groups:
+        if g.root not in scores:
+            raise ValueError(f"no scores for group {g.root!r}")
+        if scores[g.root].numel() != g.channels:
+            raise ValueError(
+                f"scores for {g.root!r} have {scores[g.root].numel()} entries, group has {g.channels}"
+            )
+
+
+def _uniform_keep(groups: Sequence[ChannelGroup], ratio: float) -> list[int]:
+    # Dither the fractional part across groups: each group removes floor or ceil of ratio*C, so the
+    # fraction stays the same per group to within one channel while the overall width moves one
+    # channel at a time as the ratio grows (which the FLOPs/params target search relies on).
+    n = len(groups)
+    return [g.channels - int(math.floor(ratio * g.channels + (i + 0.5) / n))
+            for i, g in enumerate(groups)]
+
+
+def _normalised(s: torch.Tensor) -> torch.Tensor:
+    # Divide by the group mean so groups with differently scaled weights compete fairly.
+    s = s.detach().double().flatten()
+    return s / s.mean().clamp_min(1e-12)
+
+
+def _global_keep(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+                 ratio: float) -> list[int]:
+    flat = torch.cat([_normalised(scores[g.root]) for g in groups])
+    owner = torch.cat([torch.full((g.channels,), i) for i, g in enumerate(groups)])
+    k = int(round(ratio * flat.numel()))
+    order = torch.sort(flat, stable=True).indices[:k]
+    removed = torch.bincount(owner[order], minlength=len(groups))
+    return [g.channels - int(removed[i]) for i, g in enumerate(groups)]
+
+
+def plan_pruning(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    mode: str = "uniform",
+    min_width: int = 1,
+    round_to: int | None = None,
+) -> PruningPlan:
+    """Remove the lowest-scored channels: ``ratio`` of each group ("uniform", as in PFEC, Li et
+    al. 2017) or of all channels under one threshold on mean-normalised scores ("global")."""
+    _check(groups, scores, ratio, mode, min_width, round_to)
+    if not groups:
+        return PruningPlan({})
+    keeps = _uniform_keep(groups, ratio) if mode == "uniform" else _global_keep(groups, scores, ratio)
+    removals = {}
+    for g, keep in zip(groups, keeps):
+        keep = round_width(keep, g.channels, min_width, round_to)
+        if keep < g.channels:
+            s = scores[g.root].detach().double().flatten()
+            order = torch.sort(s, stable=True).indices
+            removed = _protect_members(g, s, {int(i) for i in order[: g.channels - keep]})
+            removals[g.root] = tuple(sorted(removed))
+    return PruningPlan(removals)
+
+
+def _protect_members(group: ChannelGroup, scores: torch.Tensor, removed: set[int]) -> set[int]:
+    """A group spanning a concat feeds several producers, each owning a slice of its channels;
+    keep each producer's best channel so no layer is pruned to zero width."""
+    for m in group.producers:
+        own = set(m.root_idxs)
+        if own and own <= removed:
+            removed.discard(max(own, key=lambda i: (float(scores[i]), -i)))
+    return removed

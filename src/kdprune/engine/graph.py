@@ -1,0 +1,300 @@
+"""Channel groups from torch-pruning's DepGraph (Fang et al. 2023, "DepGraph: Towards Any
+Structural Pruning"), plus the kdprune rules on top: never prune the classifier output, and leave
+channels that flow through parameter-free channel-changing modules (ResNet option-A
+``PadShortcut``) unpruned, because DepGraph cannot see through a zero channel pad.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+from torch_pruning.pruner import function as tpf
+
+__all__ = [
+    "Member", "ChannelGroup", "build_graph", "channel_groups", "find_barriers",
+    "tp_group", "classifier_layers", "resolve_layers", "BARRIER_ATTR",
+]
+
+#: Class or instance attribute that overrides barrier detection: True forces a module to be
+#: treated as a channel barrier (its in/out channels are decoupled and every group touching it is
+#: left unpruned), False forces it to be traced as an ordinary channel-preserving op.
+BARRIER_ATTR = "kdprune_channel_barrier"
+
+# Containers never become barriers themselves (their param-free children are checked instead);
+# registering e.g. nn.Sequential as a tp customized layer would affect every Sequential.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+_KIND = {
+    ops.OPTYPE.CONV: "conv", ops.OPTYPE.DEPTHWISE_CONV: "dwconv", ops.OPTYPE.BN: "bn",
+    ops.OPTYPE.LINEAR: "linear", ops.OPTYPE.CONCAT: "cat", ops.OPTYPE.SPLIT: "split",
+    ops.OPTYPE.LN: "ln", ops.OPTYPE.GN: "gn", ops.OPTYPE.IN: "in", ops.OPTYPE.PRELU: "prelu",
+    ops.OPTYPE.CUSTOMIZED: "barrier", ops.OPTYPE.OUTPUT: "output",
+}
+# Member kinds that own per-output-channel parameters: where a channel "lives" after each op.
+PARAM_KINDS = ("conv", "dwconv", "gconv", "linear", "bn", "gn", "in", "ln", "prelu")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer/op coupled in a channel group, with its local <-> root channel mapping."""
+
+    name: str  # module FQN, or "<op>" label for anonymous ops (adds, concat, reshape...)
+    kind: str  # conv | dwconv | gconv | bn | linear | add | cat | barrier | ...
+    role: str  # "out": its output channels are removed; "in": its input channels are removed
+    idxs: tuple[int, ...]  # local channel indices in this member ...
+    root_idxs: tuple[int, ...]  # ... and the root channel each one corresponds to
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of coupled channels that must be pruned together (one DepGraph group).
+
+    ``index`` is the position in the list returned by ``channel_groups`` (which is sorted by the
+    root's position in ``model.named_modules()``); ``tp_group(dg, model, group)`` gets back the
+    torch-pruning group. ``sites`` are the members whose outputs carry the group's channels after
+    their last per-channel affine op (conv without BN, or the BN after a conv): zeroing or masking
+    the channel there is equivalent to removing it.
+    """
+
+    index: int
+    root: str
+    dim: str
+    channels: int
+    members: tuple[Member, ...]
+    sites: tuple[str, ...]
+
+    def member(self, name: str) -> Member:
+        """The member named ``name`` (KeyError if absent)."""
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(f"{name!r} is not a member of group {self.root!r}")
+
+    @property
+    def producers(self) -> tuple[Member, ...]:
+        """Members whose output channels (weights) are removed: convs, linears, BNs..."""
+        return tuple(m for m in self.members if m.role == "out" and m.kind in PARAM_KINDS)
+
+
+class _BarrierPruner(tpf.BasePruningFunc):
+    """tp pruner for channel barriers: distinct in/out functions decouple the two sides."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> None:
+        return None
+
+    def get_in_channels(self, layer: nn.Module) -> None:
+        return None
+
+
+def _has_params(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None
+
+
+def find_barriers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Names of parameter-free modules whose forward changes the channel count (e.g. option-A
+    zero-pad shortcuts), or that set ``kdprune_channel_barrier = True``; innermost only."""
+    changed: set[str] = set()
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple, out: object) -> None:
+            if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+                return  # multi-input modules (e.g. a Concat module) legitimately change width
+            x = args[0]
+            if x.dim() >= 3 and out.dim() == x.dim() and out.shape[1] != x.shape[1]:
+                changed.add(name)
+        return hook
+
+    for name, m in model.named_modules():
+        flag = getattr(m, BARRIER_ATTR, None)
+        if name and flag is None and not _has_params(m) and not isinstance(m, _CONTAINERS):
+            hooks.append(m.register_forward_hook(make_hook(name)))
+        elif name and flag:
+            changed.add(name)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), _masks_disabled(model):
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    # Keep the innermost: a param-free wrapper around a barrier would otherwise be registered too.
+    return sorted(n for n in changed if not any(o.startswith(n + ".") for o in changed))
+
+
+@contextlib.contextmanager
+def _masks_disabled(model: nn.Module) -> Iterator[None]:
+    """Bypass attached soft masks while tracing: their gates must not enter the DepGraph."""
+    masks = getattr(model, "kdprune_masks", None)
+    if masks is None:
+        yield
+        return
+    old, masks.enabled = masks.enabled, False
+    try:
+        yield
+    finally:
+        masks.enabled = old
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``model`` into a torch-pruning DependencyGraph (DepGraph, Fang et al. 2023), with
+    channel barriers (see ``find_barriers``) registered as decoupling custom layers."""
+    barriers = find_barriers(model, example_input)
+    classes = {type(model.get_submodule(n)) for n in barriers}
+    pruner = _BarrierPruner()
+    was_training = model.training
+    try:
+        with torch.enable_grad(), _masks_disabled(model):
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, verbose=False,
+                customized_pruners={c: pruner for c in classes},
+            )
+    finally:
+        model.train(was_training)  # tp's tracer leaves the model in eval mode
+    dg.kdprune_barrier_classes = tuple(classes)
+    return dg
+
+
+def resolve_layers(model: nn.Module, layers: Iterable[nn.Module | str]) -> list[nn.Module]:
+    """Modules given as objects or FQNs -> module objects (ValueError on unknown names)."""
+    out = []
+    for layer in layers:
+        if isinstance(layer, str):
+            try:
+                layer = model.get_submodule(layer)
+            except AttributeError:
+                raise ValueError(f"ignored layer {layer!r} is not a submodule of the model") from None
+        out.append(layer)
+    return out
+
+
+def classifier_layers(model: nn.Module, dg: tp.DependencyGraph) -> list[nn.Module]:
+    """Layers whose output channels must never be pruned: ``model.classifier_name`` (or the last
+    nn.Linear) and every conv/linear whose output reaches the model output without another
+    parametric layer in between."""
+    found: list[nn.Module] = []
+    name = getattr(model, "classifier_name", None)
+    if name:
+        found.append(model.get_submodule(name))
+    else:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        found.extend(linears[-1:])
+    stack = [n for n in dg.module2node.values() if n.type == ops.OPTYPE.OUTPUT]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for src in node.inputs:
+            if isinstance(src.module, (ops.TORCH_CONV, ops.TORCH_LINEAR)):
+                found.append(src.module)
+            else:
+                stack.append(src)
+    return found
+
+
+def _member_kind(dg: tp.DependencyGraph, node) -> str:
+    m = node.module
+    if isinstance(m, ops.TORCH_CONV) and node.type == ops.OPTYPE.CONV and m.groups > 1:
+        return "gconv"
+    if node.type == ops.OPTYPE.ELEMENTWISE:
+        label = str(getattr(m, "_grad_fn", "op")).lower()
+        return "add" if "add" in label else "op"
+    return _KIND.get(node.type, "op")
+
+
+def _member_name(dg: tp.DependencyGraph, node) -> str:
+    return dg._module2name.get(node.module) or f"<{node.module!r}>"
+
+
+def _members(dg: tp.DependencyGraph, group) -> tuple[Member, ...]:
+    out = []
+    for item in group.items:
+        dep, idxs = item.dep, item.idxs
+        role = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+        out.append(Member(
+            name=_member_name(dg, dep.target), kind=_member_kind(dg, dep.target), role=role,
+            idxs=tuple(int(i) for i in idxs), root_idxs=tuple(int(i) for i in item.root_idxs),
+        ))
+    return tuple(out)
+
+
+def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]) -> tuple[str, ...]:
+    """Producers whose output is the last per-channel op: skip a conv/linear feeding only a BN
+    that is itself in the group (the BN output is where the channel is finally formed)."""
+    names = {m.name for m in members if m.role == "out" and m.kind in PARAM_KINDS}
+    sites = []
+    for name in sorted(names):
+        node = dg.module2node[model.get_submodule(name)]
+        outs = node.outputs
+        if (node.type in (ops.OPTYPE.CONV, ops.OPTYPE.DEPTHWISE_CONV, ops.OPTYPE.LINEAR)
+                and len(outs) == 1 and outs[0].type == ops.OPTYPE.BN
+                and _member_name(dg, outs[0]) in names):
+            continue
+        sites.append(name)
+    return tuple(sites)
+
+
+def _group_is_prunable(members: tuple[Member, ...]) -> bool:
+    # Barriers cannot be resized; non-depthwise grouped convs are not kept consistent by
+    # group.prune with arbitrary indices, so both make the whole group unprunable.
+    return not any(m.kind in ("barrier", "gconv") for m in members)
+
+
+def channel_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ignored_layers: Sequence[nn.Module | str] = (),
+    dg: tp.DependencyGraph | None = None,
+    root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear),
+) -> list[ChannelGroup]:
+    """Prunable output-channel groups of ``model`` (DepGraph, Fang et al. 2023), excluding the
+    classifier output, groups touching ``ignored_layers``, channel barriers and grouped convs."""
+    dg = dg or build_graph(model, example_input)
+    ignored = resolve_layers(model, ignored_layers) + classifier_layers(model, dg)
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    found = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=root_types):
+        members = _members(dg, group)
+        if not _group_is_prunable(members):
+            continue
+        root = group[0].dep.target.module
+        found.append((order.get(root, len(order)), root, members))
+    found.sort(key=lambda t: t[0])
+    groups = []
+    for i, (_, root, members) in enumerate(found):
+        groups.append(ChannelGroup(
+            index=i, root=dg._module2name[root], dim="out", channels=len(members[0].idxs),
+            members=members, sites=_sites(dg, model, members),
+        ))
+    return groups
+
+
+def tp_group(dg: tp.DependencyGraph, model: nn.Module, group: ChannelGroup | str,
+             idxs: Sequence[int] | None = None):
+    """The torch-pruning group for ``group`` (full channels, or only ``idxs`` to prune)."""
+    root_name = group.root if isinstance(group, ChannelGroup) else group
+    try:
+        root = model.get_submodule(root_name)
+    except AttributeError:
+        raise ValueError(f"group root {root_name!r} is not a submodule of the model") from None
+    if root not in dg.module2node:
+        raise ValueError(f"group root {root_name!r} is not on the traced graph")
+    pruner = dg.get_pruner_of_module(root)
+    if idxs is None:
+        idxs = range(pruner.get_out_channels(root))
+    return dg.get_pruning_group(root, pruner.prune_out_channels, list(idxs))

@@ -1,0 +1,203 @@
+"""Soft channel masks / trainable gates for training-time pruning, and their conversion to
+physical removal.
+
+``attach_masks`` multiplies, per group, every *site* of the group (the output of the BN after a
+conv, or of a conv/linear without BN; see ``ChannelGroup.sites``) by a per-channel vector: a
+buffer (hard 0/1 masks) or an ``nn.Parameter`` (trainable gates, e.g. for Network-Slimming-like
+sparsity, Liu et al. 2017). The ``MaskSet`` is registered on the model as ``model.kdprune_masks``
+so gates/masks are in ``model.state_dict()`` and resumable training restores them.
+
+Equivalence used throughout: zeroing a group's channel at all its sites makes it contribute
+nothing downstream, which is exactly what removing it (with DepGraph) does.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kdprune.engine.allocate import PruningPlan
+from kdprune.engine.graph import ChannelGroup
+
+__all__ = ["MaskSet", "attach_masks", "masks_to_plan", "fold_gates_into_bn", "zero_channels",
+           "MASKS_ATTR"]
+
+MASKS_ATTR = "kdprune_masks"
+
+
+def _key(root: str) -> str:
+    # Parameter/buffer names may not contain dots; keep them readable and unique.
+    return "g_" + re.sub(r"[^0-9a-zA-Z_]", "_", root.replace(".", "__"))
+
+
+class _SiteHook:
+    """Forward hook multiplying a site's output by the composed per-channel vector."""
+
+    def __init__(self, masks: "MaskSet", site: str) -> None:
+        self.masks, self.site = masks, site
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not self.masks.enabled:
+            return None
+        vec = self.masks.site_vector(self.site, out.shape[1], out.device, out.dtype)
+        return out * vec.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+class MaskSet(nn.Module):
+    """Per-group channel masks (buffers) or gates (parameters) applied by forward hooks."""
+
+    def __init__(self, groups: Sequence[ChannelGroup], kind: str = "mask", init: float = 1.0) -> None:
+        super().__init__()
+        if kind not in ("mask", "gate"):
+            raise ValueError(f"kind must be 'mask' or 'gate', got {kind!r}")
+        self.kind, self.enabled = kind, True
+        self.groups = {g.root: g for g in groups}
+        # Plain attribute, not a submodule (that would make a module cycle); deepcopy remaps it.
+        object.__setattr__(self, "_model", None)
+        for g in groups:
+            value = torch.full((g.channels,), float(init))
+            if kind == "gate":
+                self.register_parameter(_key(g.root), nn.Parameter(value))
+            else:
+                self.register_buffer(_key(g.root), value)
+        # site -> [(group root, local idxs, root idxs)] so sites shared by several groups (e.g. a
+        # BN after a concat) compose every group's slice.
+        self.site_map: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for g in groups:
+            for site in g.sites:
+                m = g.member(site)
+                self.site_map.setdefault(site, []).append(
+                    (g.root, torch.tensor(m.idxs, dtype=torch.long),
+                     torch.tensor(m.root_idxs, dtype=torch.long)))
+
+    def _group(self, group: ChannelGroup | str) -> ChannelGroup:
+        root = group.root if isinstance(group, ChannelGroup) else group
+        if root not in self.groups:
+            raise KeyError(f"no mask for group {root!r}")
+        return self.groups[root]
+
+    def value(self, group: ChannelGroup | str) -> torch.Tensor:
+        """The mask/gate tensor of ``group`` (root channel order; live, not a copy)."""
+        return getattr(self, _key(self._group(group).root))
+
+    def set_mask(self, group: ChannelGroup | str, mask: torch.Tensor | Sequence[bool]) -> None:
+        """Set a group's values from a bool keep-mask (True = keep) or float tensor."""
+        g = self._group(group)
+        mask = torch.as_tensor(mask)
+        if mask.numel() != g.channels:
+            raise ValueError(f"mask for {g.root!r} has {mask.numel()} entries, group has {g.channels}")
+        with torch.no_grad():
+            self.value(g).copy_(mask.reshape(-1).to(self.value(g)))
+
+    def site_vector(self, site: str, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The multiplier for one site's output (ones where no group covers a channel)."""
+        vec = torch.ones(channels, device=device, dtype=dtype)
+        for root, local, rootidx in self.site_map[site]:
+            values = self.value(root).to(device=device, dtype=dtype)[rootidx.to(device)]
+            vec = vec.index_put((local.to(device),), values)  # out of place: keeps gate grads
+        return vec
+
+    def attach(self, model: nn.Module) -> "MaskSet":
+        """Register hooks on every site and the MaskSet as ``model.kdprune_masks``."""
+        if getattr(model, MASKS_ATTR, None) is not None:
+            raise RuntimeError("model already has a MaskSet attached; remove() it first")
+        for site in self.site_map:
+            model.get_submodule(site).register_forward_hook(_SiteHook(self, site))
+        model.add_module(MASKS_ATTR, self)
+        object.__setattr__(self, "_model", model)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks and detach from the model (values are kept on this object)."""
+        model = self._model
+        if model is None:
+            return
+        # Find our hooks by identity rather than keeping handles: handles do not survive
+        # copy.deepcopy of the model, the hook objects (and this MaskSet) do.
+        for m in model.modules():
+            for hid, hook in list(m._forward_hooks.items()):
+                if isinstance(hook, _SiteHook) and hook.masks is self:
+                    del m._forward_hooks[hid]
+        if getattr(model, MASKS_ATTR, None) is self:
+            delattr(model, MASKS_ATTR)
+        object.__setattr__(self, "_model", None)
+
+    def forward(self, *args, **kwargs):  # a container, never called
+        raise RuntimeError("MaskSet is applied through hooks; call the model instead")
+
+
+def attach_masks(model: nn.Module, groups: Sequence[ChannelGroup], kind: str = "mask",
+                 init: float = 1.0) -> MaskSet:
+    """Attach per-channel masks (``kind="mask"``, buffers) or trainable gates (``kind="gate"``,
+    parameters) to every group's sites; returns the ``MaskSet`` (also ``model.kdprune_masks``)."""
+    p = next(model.parameters(), None)
+    masks = MaskSet(groups, kind, init)
+    if p is not None:
+        masks.to(p.device)
+    return masks.attach(model)
+
+
+def masks_to_plan(masks: MaskSet, threshold: float = 0.0) -> PruningPlan:
+    """Channels whose |mask/gate| <= threshold become removals (every group keeps >= 1 channel)."""
+    removals = {}
+    for root, g in masks.groups.items():
+        drop = (masks.value(root).detach().abs() <= threshold).nonzero().flatten().tolist()
+        if len(drop) >= g.channels:
+            raise ValueError(f"all {g.channels} channels of group {root!r} are masked; keep at least one")
+        for m in g.producers:
+            if m.root_idxs and set(m.root_idxs) <= set(drop):
+                raise ValueError(f"all channels of {m.name!r} (part of group {root!r}) are masked; "
+                                 "a layer cannot be pruned to zero width, unmask one of them")
+        if drop:
+            removals[root] = drop
+    return PruningPlan(removals)
+
+
+def _scale_site(module: nn.Module, vec: torch.Tensor, name: str) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, nn.GroupNorm):
+        if module.weight is None:
+            raise ValueError(f"cannot fold gates into non-affine norm layer {name!r}")
+        module.weight.mul_(vec)
+        module.bias.mul_(vec)
+        return
+    w = module.weight
+    shape = [1] * w.dim()
+    out_dim = 1 if getattr(module, "transposed", False) else 0
+    shape[out_dim] = -1
+    w.mul_(vec.view(shape))
+    if getattr(module, "bias", None) is not None:
+        module.bias.mul_(vec)
+
+
+@torch.no_grad()
+def fold_gates_into_bn(model: nn.Module, masks: MaskSet) -> None:
+    """Fold gates into the site layers (BN gamma and beta, or conv/linear weight and bias) so the
+    ungated model equals the gated one, then remove the MaskSet from the model."""
+    for site in masks.site_map:
+        module = model.get_submodule(site)
+        p = module.weight
+        vec = masks.site_vector(site, _out_channels(module), p.device, p.dtype)
+        _scale_site(module, vec, site)
+    masks.remove()
+
+
+def _out_channels(module: nn.Module) -> int:
+    for attr in ("num_features", "out_channels", "out_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    raise ValueError(f"cannot tell the output width of {type(module).__name__}")
+
+
+@torch.no_grad()
+def zero_channels(model: nn.Module, groups: Sequence[ChannelGroup], plan: PruningPlan) -> None:
+    """Zero the planned channels at every site (BN gamma/beta or conv weight/bias) in place: the
+    dense reference that a physically pruned model must match in eval mode."""
+    by_root = {g.root: g for g in groups}
+    masks = MaskSet([by_root[r] for r in plan], "mask")
+    for root, idxs in plan.items():
+        keep = torch.ones(by_root[root].channels, dtype=torch.bool)
+        keep[list(idxs)] = False
+        masks.set_mask(root, keep)
+    fold_gates_into_bn(model, masks)

@@ -1,0 +1,97 @@
+"""Baseline recipes users compare against: PFEC L1 + fine-tune, DepGraph group norm, KD fine-tune."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from kdprune.distill import KDTask
+from kdprune.engine import channel_groups, prune_to_target
+from kdprune.engine.sparsity import add_group_lasso_grad_
+from kdprune.methods.base import CompressContext, PruneRecipe
+from kdprune.methods.registry import run_recipe
+from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class L1Finetune(PruneRecipe):
+    """PFEC (Li et al. 2017): one-shot L1-norm filter pruning to the target, then fine-tune."""
+
+    mode: str = "uniform"
+
+
+@dataclass(frozen=True)
+class KDFinetune(PruneRecipe):
+    """L1 pruning as in L1Finetune, fine-tuned with KD (Hinton et al. 2015) from the dense model."""
+
+    mode: str = "uniform"
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+def default_sparse() -> TrainConfig:
+    """Sparse training before group-norm pruning: 3 epochs at 0.01."""
+    return TrainConfig(epochs=3, optimizer=SGD(lr=0.01), schedule=Cosine())
+
+
+@dataclass(frozen=True)
+class GroupNorm(PruneRecipe):
+    """DepGraph (Fang et al. 2023): group-lasso sparse training on coupled groups, prune by group
+    L2 norm (global ranking) to the target, then fine-tune."""
+
+    reg: float = 5e-4
+    sparse: TrainConfig = field(default_factory=default_sparse)
+    mode: str = "global"
+
+
+def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: str) -> dict:
+    rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance,
+                          mode=recipe.mode, min_width=recipe.min_width, round_to=recipe.round_to)
+    return {"importance": rep.importance, "mode": rep.mode, "ratio": rep.ratio, "achieved": rep.achieved,
+            "flops_kept": rep.flops_kept, "params_kept": rep.params_kept, "channels_removed": rep.plan.num_removed}
+
+
+def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:
+    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune), task=task,
+                out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"))
+    return res.history
+
+
+@run_recipe.register
+def _(recipe: L1Finetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
+    info = {"prune": _prune(model, recipe, ctx, "l1")}
+    info["finetune"] = _finetune(model, recipe, ctx)
+    return model, info
+
+
+@run_recipe.register
+def _(recipe: KDFinetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
+    info = {"prune": _prune(model, recipe, ctx, "l1")}
+    task = KDTask(ctx.dense, temperature=recipe.temperature, alpha=recipe.alpha,
+                  label_smoothing=recipe.finetune.label_smoothing)
+    info["finetune"] = _finetune(model, recipe, ctx, task)
+    return model, info
+
+
+class GroupLasso(Callback):
+    """Adds the group-lasso gradient on the model's channel groups after every backward."""
+
+    def __init__(self, groups, reg: float) -> None:
+        self.groups, self.reg = groups, reg
+
+    def on_after_backward(self, state) -> None:
+        add_group_lasso_grad_(state.model, self.groups, self.reg)
+
+
+@run_recipe.register
+def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
+    groups = channel_groups(model, ctx.example_input)
+    sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse),
+                   out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
+                   callbacks=[GroupLasso(groups, recipe.reg)])
+    info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, "l2")}
+    info["finetune"] = _finetune(model, recipe, ctx)
+    return model, info
+
+
+__all__ = ["L1Finetune", "KDFinetune", "GroupNorm", "GroupLasso", "default_sparse"]

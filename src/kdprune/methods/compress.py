@@ -1,0 +1,120 @@
+"""`compress`: run a recipe on a copy of the model and report before/after, saved as JSON + Markdown."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdprune.methods.base import CompressContext
+from kdprune.methods.registry import run_recipe
+from kdprune.metrics import compare_latency, complexity, format_markdown, layer_widths
+from kdprune.training import evaluate
+from kdprune.utils.dist import is_main_process
+from kdprune.utils.meta import run_metadata, write_json
+
+
+@dataclass
+class CompressResult:
+    """The physically pruned model and its report (also written to out_dir when given)."""
+
+    model: nn.Module
+    report: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    def markdown(self) -> str:
+        """The before/after table as Markdown."""
+        return report_markdown(self.report)
+
+
+def infer_example_input(data: Any) -> torch.Tensor:
+    """A zero batch of one, shaped like the data's images."""
+    ds = getattr(data, "dataset", data)
+    images = getattr(ds, "images", None)
+    shape = tuple(images.shape[1:]) if images is not None else tuple(ds[0][0].shape)
+    return torch.zeros(1, *shape)
+
+
+def measure(model: nn.Module, val: Any, example_input: torch.Tensor) -> dict[str, float]:
+    """Accuracy on `val` plus params/FLOPs/MACs."""
+    c = complexity(model, example_input=example_input)
+    acc = evaluate(model, val) if val is not None else {}
+    return {**{k: acc[k] for k in ("top1", "top5", "loss") if k in acc}, **c.as_dict()}
+
+
+def _latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    res = compare_latency({"before": dense, "after": pruned}, tuple(example_input.shape[1:]),
+                          batch_sizes=(1, 64), rounds=15)
+    return {name: {str(bs): r for bs, r in per.items()} for name, per in res.items()}
+
+
+def compress(
+    model: nn.Module,
+    recipe: Any,
+    train: Any,
+    val: Any = None,
+    example_input: torch.Tensor | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    latency: bool = True,
+    factory: Callable[[], nn.Module] | None = None,
+) -> CompressResult:
+    """Compress a copy of `model` with `recipe` (a kdprune.recipes dataclass); the input is untouched."""
+    start = time.perf_counter()
+    x = example_input if example_input is not None else infer_example_input(train)
+    dense = copy.deepcopy(model).eval()
+    before = measure(dense, val, x)
+    out = Path(out_dir) if out_dir is not None else None
+    ctx = CompressContext(dense, train, val, x, out, resume, progress)
+    pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
+    pruned.eval()
+    report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, val, x),
+              "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
+              "method": info, "wall_time_s": time.perf_counter() - start}
+    if latency:
+        report["latency_ms"] = _latency(dense, pruned, x)
+    report["meta"] = run_metadata()
+    if out is not None and is_main_process():
+        _save(out, pruned, report, factory)
+    return CompressResult(pruned, report, out)
+
+
+def _recipe_record(recipe: Any) -> dict[str, Any]:
+    from kdprune.cli.config_io import to_tagged_dict
+
+    return {"type": type(recipe).__name__, **to_tagged_dict(recipe)}
+
+
+def _save(out: Path, model: nn.Module, report: dict, factory) -> None:
+    from kdprune.io import save_pruned
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_pruned(model, out / "model", factory=factory)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown(report) + "\n")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """Before/after table: accuracy, params, FLOPs, latency; then per-layer widths that changed."""
+    rows = []
+    for stage in ("before", "after"):
+        r = dict(report[stage], stage=stage)
+        lat = report.get("latency_ms", {}).get(stage, {})
+        r.update({f"lat_bs{bs}_ms": v["median_ms"] for bs, v in lat.items()})
+        rows.append(r)
+    cols = {"stage": "", "top1": "top-1 %", "params": "params", "macs": "MACs",
+            "lat_bs1_ms": "CPU ms bs1", "lat_bs64_ms": "CPU ms bs64"}
+    b, a = report["before"], report["after"]
+    lines = [f"## {report['recipe']['type']}", "", format_markdown(rows, cols), "",
+             f"kept: params {a['params'] / b['params']:.3f}, FLOPs {a['flops'] / b['flops']:.3f}; "
+             f"wall time {report['wall_time_s']:.0f} s"]
+    changed = [{"layer": k, "before": v, "after": report["widths"]["after"].get(k, 0)}
+               for k, v in report["widths"]["before"].items() if report["widths"]["after"].get(k) != v]
+    if changed:
+        lines += ["", format_markdown(changed, ["layer", "before", "after"])]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""compress + baseline recipes on tiny models: targets met, input untouched, saved, resumable."""
+import json
+
+import pytest
+import torch
+
+import kdprune as kp
+from kdprune.training import loop as train_loop
+
+from ..conftest import TinyNet
+
+FT = kp.TrainConfig(epochs=2, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
+
+
+def _net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet(width=32)
+
+
+@pytest.mark.parametrize("recipe", [
+    kp.recipes.L1Finetune(target_flops=0.5, finetune=FT),
+    kp.recipes.KDFinetune(target_params=0.4, finetune=FT),
+    kp.recipes.GroupNorm(target_flops=0.6, finetune=FT, sparse=FT),
+])
+def test_recipes_meet_target_and_leave_input_untouched(recipe, toy_data, tmp_path):
+    train, val = toy_data
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = kp.compress(model, recipe, train, val, out_dir=tmp_path, latency=False, factory=TinyNet32)
+    key = "flops" if recipe.target_flops else "params"
+    kept = res.report["after"][key] / res.report["before"][key]
+    assert abs(kept - recipe.target().value) <= 0.01
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("mask" in n or "gate" in n for n, _ in res.model.named_buffers())
+    loaded = kp.load_pruned(tmp_path / "model", factory=TinyNet32)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(loaded(x), res.model(x))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["recipe"]["type"] == type(recipe).__name__ and "git_commit" in saved["meta"]
+    assert "| after |" in (tmp_path / "report.md").read_text()
+
+
+def TinyNet32() -> TinyNet:
+    """Factory for save/load of the test model."""
+    return TinyNet(width=32)
+
+
+def test_l1_and_kd_prune_the_same_channels(toy_data):
+    train, val = toy_data
+    a = kp.compress(_net(), kp.recipes.L1Finetune(target_flops=0.5, finetune=FT), train, val, latency=False)
+    b = kp.compress(_net(), kp.recipes.KDFinetune(target_flops=0.5, finetune=FT), train, val, latency=False)
+    assert a.report["widths"]["after"] == b.report["widths"]["after"]
+    assert a.report["method"]["prune"] == b.report["method"]["prune"]
+
+
+def test_resume_after_kill_during_finetune(toy_data, tmp_path, monkeypatch):
+    train, val = toy_data
+    recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=FT)
+    ref = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "ref", latency=False, factory=TinyNet32)
+
+    real_write = train_loop._write_epoch
+
+    def write_then_die(*args, **kw):
+        real_write(*args, **kw)
+        raise KeyboardInterrupt("killed after epoch checkpoint")
+
+    monkeypatch.setattr(train_loop, "_write_epoch", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", latency=False, factory=TinyNet32)
+    monkeypatch.setattr(train_loop, "_write_epoch", real_write)
+    res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", resume=True, latency=False,
+                      factory=TinyNet32)
+    for (k, a), b in zip(ref.model.state_dict().items(), res.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_bad_recipe_and_target(toy_data):
+    train, val = toy_data
+    with pytest.raises(TypeError, match="not a kdprune recipe"):
+        kp.compress(_net(), object(), train, val)
+    with pytest.raises(ValueError, match="must be a fraction to keep"):
+        kp.compress(_net(), kp.recipes.L1Finetune(target_flops=1.5), train, val)
+    with pytest.raises(ValueError, match="exactly one"):
+        kp.compress(_net(), kp.recipes.L1Finetune(), train, val)
