@@ -1,6 +1,7 @@
 # The two commands the README starts with: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.kdprune-installed
 
 .PHONY: setup demo test test-all bench-train clean

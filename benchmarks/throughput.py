@@ -7,6 +7,10 @@ medians goes to benchmarks/results/throughput.{json,md}. Target: >= 0.9.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
+
 import argparse
 import statistics
 import time

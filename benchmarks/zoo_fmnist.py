@@ -7,6 +7,10 @@ continues); the table goes to benchmarks/results/zoo_fmnist.{json,md}.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
+
 import argparse
 from pathlib import Path
 

@@ -227,3 +227,20 @@ def test_cuda_prune_mask_save_load(tmp_path):
     loaded = load_pruned(d, factory=make_user_net, map_location="cuda")
     assert next(loaded.parameters()).is_cuda
     assert torch.equal(loaded(x), m(x))
+
+
+def _zoo_params():
+    models = pytest.importorskip("kdprune.models")
+    slow = {"resnet110", "resnet50", "wrn28_10"}
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in models.list_models()]
+
+
+@pytest.mark.parametrize("name", _zoo_params())
+def test_every_zoo_model_round_trips(name, tmp_path):
+    from kdprune.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32) if name in ("resnet18", "resnet50") else X
+    m = randomize(create_model(name, num_classes=4), x)
+    apply_plan(m, x[:1], random_plan(channel_groups(m, x[:1]), seed=2))
+    assert_same_model(m, load_pruned(save_pruned(m, tmp_path / name)), x)

@@ -1,0 +1,103 @@
+"""Baseline pruning table on Fashion-MNIST: L1Finetune, GroupNorm, KDFinetune vs the dense base.
+
+    python benchmarks/baselines_fmnist.py --base runs/base-resnet20 --targets 0.5 0.3 --epochs 4
+
+Every method starts from the same base and fine-tunes for the same epochs; the control is the
+dense base trained for those extra epochs with the same fine-tune schedule. Runs go to
+runs/baselines/<name> and resume when killed; latency of all models is measured at the end,
+interleaved. Writes benchmarks/results/baselines_fmnist.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import kdprune as kp
+from common import write_results
+
+
+def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int) -> dict[str, object]:
+    """The compared recipes at one FLOPs target (same fine-tune config for all)."""
+    r = kp.recipes
+    return {"L1Finetune": r.L1Finetune(target_flops=target, finetune=ft),
+            "L1Finetune (round_to=8)": r.L1Finetune(target_flops=target, finetune=ft, round_to=8, mode="global"),
+            "GroupNorm": r.GroupNorm(target_flops=target, finetune=ft,
+                                     sparse=kp.TrainConfig(epochs=sparse_epochs, optimizer=kp.SGD(lr=0.01))),
+            "KDFinetune": r.KDFinetune(target_flops=target, finetune=ft)}
+
+
+def run_recipe(name: str, recipe, base, train, val, out: Path) -> tuple[dict, object]:
+    """Compress (resuming if a run is there); returns (row, model)."""
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text()), kp.load_pruned(out / "model")
+    try:
+        res = kp.compress(base, recipe, train, val, out_dir=out, resume=True, latency=False)
+    except ValueError as e:  # e.g. a round_to grid that cannot meet the target within 1%
+        return {"error": str(e)}, None
+    return res.report, res.model
+
+
+def dense_control(base, train, val, ft: kp.TrainConfig, out: Path) -> float:
+    """Top-1 of the dense base trained for the fine-tune epochs too (the control)."""
+    res = kp.train(copy.deepcopy(base), train, val, ft, out_dir=out, resume=(out / "checkpoint.pt").is_file())
+    return kp.evaluate(res.model, val)["top1"]
+
+
+def main() -> None:
+    """Run every recipe at every target, the control, then interleaved latency; write the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=Path("runs/base-resnet20"))
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--epochs", type=int, default=4, help="fine-tune epochs (all methods and the control)")
+    p.add_argument("--sparse-epochs", type=int, default=2, help="GroupNorm sparse-training epochs")
+    p.add_argument("--runs", type=Path, default=Path("runs/baselines"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
+    p.add_argument("--name", default="baselines_fmnist", help="results file name")
+    args = p.parse_args()
+    train, val = kp.data.load("fashion-mnist")
+    if args.subset:
+        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
+    base = kp.load_pruned(args.base / "model")
+    ft = kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
+    x = kp.methods.infer_example_input(train)
+    base_m = kp.methods.measure(base, val, x)
+    rows = [{"method": "dense base", "key": "dense base", "target": 1.0, **base_m, "extra_epochs": 0}]
+    rows.append({"method": "dense + same extra epochs (control)", "target": 1.0, **base_m,
+                 "top1": dense_control(base, train, val, ft, args.runs / "dense-control"),
+                 "extra_epochs": args.epochs})
+    models = {"dense base": base}
+    for t in args.targets:
+        for name, recipe in recipes(t, ft, args.sparse_epochs).items():
+            tag = name.lower().replace(" ", "").replace("(", "-").replace(")", "").replace("=", "")
+            rep, model = run_recipe(name, recipe, base, train, val, args.runs / f"{tag}-f{t}-s{args.seed}")
+            if model is None:
+                rows.append({"method": name, "target": t, "note": rep["error"][:120]})
+                continue
+            models[f"{name} @{t}"] = model
+            rows.append({"method": name, "key": f"{name} @{t}", "target": t, **rep["after"],
+                         "wall_s": rep["wall_time_s"],
+                         "extra_epochs": args.epochs + (args.sparse_epochs if name == "GroupNorm" else 0)})
+    lat = kp.metrics.compare_latency(models, tuple(x.shape[1:]), batch_sizes=(1, 64), threads=2, rounds=15)
+    for row in (r for r in rows if "key" in r):
+        key = row["key"]
+        row.update(flops_kept=row["flops"] / base_m["flops"], params_kept=row["params"] / base_m["params"],
+                   lat_bs1_ms=lat[key][1]["median_ms"], lat_bs64_ms=lat[key][64]["median_ms"],
+                   speedup_bs64=lat[key][64]["speedup"], speedup_bs1=lat[key][1]["speedup"])
+    cols = {"method": "method", "target": "FLOPs target", "top1": "top-1 %", "params": "params",
+            "flops": "FLOPs", "flops_kept": "FLOPs kept", "lat_bs64_ms": "CPU ms bs64",
+            "speedup_bs64": "speed-up bs64", "speedup_bs1": "speed-up bs1", "extra_epochs": "extra epochs",
+            "wall_s": "wall s", "note": "note"}
+    extra = {"seeds": 1, "base": str(args.base), "finetune": f"{args.epochs} epochs SGD lr 0.01 cosine",
+             "latency": "median of 15 interleaved rounds, 2 threads; speed-up = base median / model median"}
+    print(open(write_results(args.name, rows, cols, extra)).read())
+
+
+if __name__ == "__main__":
+    main()
