@@ -36,6 +36,16 @@ class TinyNet(nn.Module):
         return self.fc(self.features(x))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: tiny convs run slower with 2 threads on a shared 2-core machine
+    (module scope so it also covers module-scoped fixtures)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def toy_data() -> tuple[ImageDataset, ImageDataset]:
     train = make_images(128, seed=0)

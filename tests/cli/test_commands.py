@@ -41,3 +41,23 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
     assert main(["eval", str(tmp_path)]) == 2
     assert "structure.json" in capsys.readouterr().err
+
+
+@needs_data
+def test_compress_then_eval(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["train", "--model", "resnet20", "--train-subset", "256", "--val-subset", "128",
+                 "--batch-size", "64", "--epochs", "1", "--max-steps-per-epoch", "1", "--no-progress",
+                 "--out", str(base)]) == 0
+    out = tmp_path / "l1"
+    assert main(["compress", "--method", "l1", "--from", str(base), "--target-flops", "0.5", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--batch-size", "64", "--train-subset", "256",
+                 "--val-subset", "128", "--no-latency", "--no-progress", "--out", str(out)]) == 0
+    assert "| after |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["after"]["flops"] / report["before"]["flops"] - 0.5) <= 0.01
+    assert main(["eval", str(out), "--val-subset", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == report["after"]["flops"]
+    assert main(["compress", "--method", "l1", "--from", str(base), "--reg", "0.1", "--target-flops", "0.5",
+                 "--out", str(out)]) == 2
+    assert "--reg does not apply" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdprune.cli.config_io import UNION_NAMES, from_dict, load_yaml
@@ -116,3 +118,35 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
+
+
+def model_dir(path: Path) -> Path:
+    """The saved-model folder inside a run directory (or `path` itself)."""
+    for cand in (path, path / "model"):
+        if (cand / "structure.json").is_file():
+            return cand
+    raise FileNotFoundError(f"{path} holds no saved model (structure.json); "
+                            f"give a run directory from `kdprune train` or a `save_pruned` folder")
+
+
+def run_data_name(path: Path) -> tuple[str | None, str | None]:
+    """The data set (name, root) recorded in a run directory's config.json, if any."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None, None
+    run = json.loads(cfg.read_text()).get("run", {})
+    return run.get("data"), run.get("data_root")
+
+
+def load_source_data(path: Path, args: argparse.Namespace, seed: int = 0) -> tuple[dict[str, Any], Any, Any]:
+    """(data record, train, val): --data/--data-root, else what the run at `path` recorded; subset if asked."""
+    import kdprune as kp
+
+    rec_name, rec_root = run_data_name(path)
+    name, root = args.data or rec_name or "fashion-mnist", args.data_root or rec_root
+    train, val = kp.data.load(name, **({"root": root} if root else {}))
+    if args.train_subset:
+        train = train.subset(args.train_subset, seed=seed)
+    if args.val_subset:
+        val = val.subset(args.val_subset, seed=seed)
+    return {"data": name, "data_root": root}, train, val

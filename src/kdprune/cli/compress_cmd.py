@@ -67,20 +67,19 @@ def build_recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Load the model and data, compress, print the table."""
     import kdprune as kp
-    from kdprune.cli.eval_cmd import model_dir, run_data_name
+    from kdprune.cli.common import load_source_data, model_dir
+    from kdprune.utils.dist import is_main_process
+    from kdprune.utils.meta import write_json
 
     recipe = build_recipe(args)
     recipe.target()  # validate before any loading
     src = Path(args.source)
     model = kp.load_pruned(model_dir(src))
-    name, root = run_data_name(src)
-    name, root = args.data or name or "fashion-mnist", args.data_root or root
-    train, val = kp.data.load(name, **({"root": root} if root else {}))
-    if args.train_subset:
-        train = train.subset(args.train_subset, seed=recipe.finetune.seed)
-    if args.val_subset:
-        val = val.subset(args.val_subset, seed=recipe.finetune.seed)
+    data, train, val = load_source_data(src, args, seed=recipe.finetune.seed)
     res = kp.compress(model, recipe, train, val, out_dir=args.out, resume=args.resume,
                       progress=recipe.finetune.progress, latency=not args.no_latency)
+    if is_main_process():  # so `kdprune eval OUT` finds the same data
+        write_json(Path(args.out) / "config.json", {"run": data, "source": str(src),
+                                                    "recipe": res.report["recipe"]})
     print(res.markdown())
     return 0

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kdprune.cli.common import add_data_args
+from kdprune.cli.common import add_data_args, load_source_data, model_dir
 
 
 def add_parser(sub) -> None:
@@ -21,36 +21,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def model_dir(path: Path) -> Path:
-    """The saved-model folder inside a run directory (or `path` itself)."""
-    for cand in (path, path / "model"):
-        if (cand / "structure.json").is_file():
-            return cand
-    raise FileNotFoundError(f"{path} holds no saved model (structure.json); "
-                            f"give a run directory from `kdprune train` or a `save_pruned` folder")
-
-
-def run_data_name(path: Path) -> tuple[str | None, str | None]:
-    """The data set (name, root) recorded in a run directory's config.json, if any."""
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return None, None
-    run = json.loads(cfg.read_text()).get("run", {})
-    return run.get("data"), run.get("data_root")
-
-
 def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print."""
     import kdprune as kp
 
     path = Path(args.path)
     model = kp.load_pruned(model_dir(path))
-    name, root = run_data_name(path)
-    name, root = args.data or name or "fashion-mnist", args.data_root or root
-    _, val = kp.data.load(name, **({"root": root} if root else {}))
-    if args.val_subset:
-        val = val.subset(args.val_subset)
-    report = {"model": str(path), "data": name, **kp.evaluate(model, val, batch_size=args.batch_size)}
+    data, _, val = load_source_data(path, args)
+    report = {"model": str(path), "data": data["data"], **kp.evaluate(model, val, batch_size=args.batch_size)}
     report.update(kp.complexity(model, input_size=(1, *val.images.shape[1:])).as_dict())
     if args.latency:
         lat = kp.metrics.measure_latency(model, tuple(val.images.shape[1:]))

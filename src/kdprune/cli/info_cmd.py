@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
     import kdprune as kp
-    from kdprune.cli.eval_cmd import model_dir
+    from kdprune.cli.common import model_dir
     from kdprune.metrics import format_table, layer_table
 
     if args.list:
