@@ -22,11 +22,12 @@ import kdprune as kp
 from common import write_results
 
 
-def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int) -> dict[str, object]:
+def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: bool) -> dict[str, object]:
     """The compared recipes at one FLOPs target (same fine-tune config for all)."""
     r = kp.recipes
-    return {"L1Finetune": r.L1Finetune(target_flops=target, finetune=ft),
-            "L1Finetune (round_to=8)": r.L1Finetune(target_flops=target, finetune=ft, round_to=8, mode="global"),
+    rounded = {"L1Finetune (round_to=8)": r.L1Finetune(target_flops=target, finetune=ft, round_to=8,
+                                                       mode="global")} if round_to else {}
+    return {"L1Finetune": r.L1Finetune(target_flops=target, finetune=ft), **rounded,
             "GroupNorm": r.GroupNorm(target_flops=target, finetune=ft,
                                      sparse=kp.TrainConfig(epochs=sparse_epochs, optimizer=kp.SGD(lr=0.01))),
             "KDFinetune": r.KDFinetune(target_flops=target, finetune=ft)}
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--epochs", type=int, default=4, help="fine-tune epochs (all methods and the control)")
     p.add_argument("--sparse-epochs", type=int, default=2, help="GroupNorm sparse-training epochs")
+    p.add_argument("--round-to-targets", type=float, nargs="*", default=[0.5],
+                   help="targets at which L1Finetune also runs with round_to=8 (latency effect)")
     p.add_argument("--runs", type=Path, default=Path("runs/baselines"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
@@ -74,7 +77,7 @@ def main() -> None:
                  "extra_epochs": args.epochs})
     models = {"dense base": base}
     for t in args.targets:
-        for name, recipe in recipes(t, ft, args.sparse_epochs).items():
+        for name, recipe in recipes(t, ft, args.sparse_epochs, t in args.round_to_targets).items():
             tag = name.lower().replace(" ", "").replace("(", "-").replace(")", "").replace("=", "")
             rep, model = run_recipe(name, recipe, base, train, val, args.runs / f"{tag}-f{t}-s{args.seed}")
             if model is None:

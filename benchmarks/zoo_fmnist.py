@@ -1,6 +1,6 @@
 """Train zoo models on Fashion-MNIST and report test accuracy, params, FLOPs and CPU latency.
 
-    python benchmarks/zoo_fmnist.py --models resnet20:15 resnet56:3
+    python benchmarks/zoo_fmnist.py --models resnet20:15 resnet56:2
 
 Each model trains into runs/base-<model> (resumed if a checkpoint is there, so a killed run
 continues); the table goes to benchmarks/results/zoo_fmnist.{json,md}.
@@ -38,7 +38,7 @@ def run_one(name: str, epochs: int, runs: Path, seed: int) -> dict:
 def main() -> None:
     """Parse `name:epochs` pairs, train and measure each, write the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet20:15", "resnet56:3"], help="name:epochs pairs")
+    p.add_argument("--models", nargs="+", default=["resnet20:15", "resnet56:2"], help="name:epochs pairs")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="where the training runs go")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -1,5 +1,9 @@
 """The recipe types `kp.compress` accepts (frozen dataclasses, dispatched by type)."""
 from kdprune.methods.baselines import GroupNorm, KDFinetune, L1Finetune
 from kdprune.methods.base import PruneRecipe
+from kdprune.methods.sdap import SDAP
+from kdprune.methods.kesi import KESI, KESIPFEC
 
 __all__ = ["GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe"]
+__all__ += ["KESI", "KESIPFEC"]
+__all__ += ["SDAP"]

@@ -13,7 +13,9 @@ def methods() -> dict[str, type]:
     """CLI method names -> recipe types."""
     from kdprune import recipes
 
-    return {"l1": recipes.L1Finetune, "groupnorm": recipes.GroupNorm, "kd": recipes.KDFinetune}
+    return {"l1": recipes.L1Finetune, "groupnorm": recipes.GroupNorm, "kd": recipes.KDFinetune,
+            "kesi": recipes.KESI, "pfec": recipes.KESIPFEC,
+            "sdap": recipes.SDAP}
 
 
 def add_parser(sub) -> None:

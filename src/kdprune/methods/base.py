@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class CompressContext:
     out_dir: Path | None
     resume: bool
     progress: bool
+    factory: Callable[[], nn.Module] | None = None  # rebuilds a non-zoo model for save/load
 
     def stage_dir(self, name: str) -> Path | None:
         """Sub-directory of out_dir for one stage (checkpoints), or None when not saving."""

@@ -45,6 +45,7 @@ class GroupNorm(PruneRecipe):
 
 
 def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: str) -> dict:
+    model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
     rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance,
                           mode=recipe.mode, min_width=recipe.min_width, round_to=recipe.round_to)
     return {"importance": rep.importance, "mode": rep.mode, "ratio": rep.ratio, "achieved": rep.achieved,
@@ -53,7 +54,7 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:
     res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune), task=task,
-                out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"))
+                out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"), save_model=False)
     return res.history
 
 
@@ -88,7 +89,7 @@ def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Mod
     groups = channel_groups(model, ctx.example_input)
     sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
-                   callbacks=[GroupLasso(groups, recipe.reg)])
+                   callbacks=[GroupLasso(groups, recipe.reg)], save_model=False)
     info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, "l2")}
     info["finetune"] = _finetune(model, recipe, ctx)
     return model, info

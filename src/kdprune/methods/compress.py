@@ -70,7 +70,7 @@ def compress(
     dense = copy.deepcopy(model).eval()
     before = measure(dense, val, x)
     out = Path(out_dir) if out_dir is not None else None
-    ctx = CompressContext(dense, train, val, x, out, resume, progress)
+    ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
     pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
     pruned.eval()
     report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, val, x),

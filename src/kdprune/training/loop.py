@@ -186,8 +186,12 @@ def train(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     record: dict[str, Any] | None = None,
+    save_model: bool = True,
 ) -> TrainResult:
-    """Train `model` on `train_data` (any kdprune/torch data set or loader); DDP under torchrun."""
+    """Train `model` on `train_data` (any kdprune/torch data set or loader); DDP under torchrun.
+
+    With `out_dir`, writes config/metrics/checkpoints there and, if `save_model`, the final model
+    (a stage inside a compression method passes False: the method saves its own result)."""
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
     info = init_distributed(device)
@@ -225,11 +229,11 @@ def train(
     for cb in callbacks:
         cb.on_train_start(state)
     return _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state,
-                       callbacks, device, out, history, info.is_main)
+                       callbacks, device, out if save_model else None, history, info.is_main, out)
 
 
 def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, callbacks,
-                device, out, history, is_main) -> TrainResult:
+                device, model_out, history, is_main, out) -> TrainResult:
     metrics: dict[str, float] = history[-1] if history else {}
     try:
         while state.epoch < cfg.epochs:
@@ -253,8 +257,8 @@ def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, c
             barrier()
     except StopTraining:
         pass
-    if out is not None and is_main:
-        _save_final(out, model)
+    if model_out is not None and is_main:
+        _save_final(model_out, model)
     return TrainResult(model=model, history=history, metrics=metrics, out_dir=out)
 
 

@@ -1,0 +1,228 @@
+"""SDAP (Diao et al., Pattern Recognition 2024): gates, cubic ramp, weighted global ranking,
+fold/removal equivalence, targets after removal, exact resume, no teacher at alpha=0."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import kdprune as kp
+from kdprune.cli.compress_cmd import methods
+from kdprune.cli.config_io import from_dict, to_tagged_dict
+from kdprune.distill import CETask, KDTask
+from kdprune.engine import ChannelGroup, Member, apply_plan, channel_groups, fold_gates_into_bn
+from kdprune.methods.base import CompressContext
+from kdprune.methods.registry import run_recipe
+from kdprune.methods.sdap import (
+    SDAP, channel_costs, cubic_rate, fold_and_remove, global_keep, keep_to_plan, prepare, sdap_task,
+)
+from kdprune.training import LoopState
+from kdprune.training import loop as train_loop
+
+from ..conftest import TinyNet, make_images
+from ..engine.tiny_models import MiniRes, randomize
+
+torch.set_num_threads(1)
+
+FT = kp.TrainConfig(epochs=2, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
+X = torch.zeros(1, 1, 8, 8)
+
+
+def TinyNet32() -> TinyNet:
+    """Factory for save/load of the test model."""
+    return TinyNet(width=32)
+
+
+def MiniResB() -> MiniRes:
+    """Factory: residual net with coupled (shared-gate) channel groups."""
+    return MiniRes("B", num_classes=4)
+
+
+def _net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet32()
+
+
+def _state(step: int = 0, steps_per_epoch: int = 4, epochs: int = 2) -> LoopState:
+    return LoopState(None, None, 0, step, steps_per_epoch, epochs)
+
+
+@pytest.mark.parametrize("make, x", [(TinyNet32, torch.randn(4, 1, 8, 8)), (MiniResB, torch.randn(4, 3, 16, 16))])
+def test_gates_at_init_leave_outputs_unchanged(make, x):
+    torch.manual_seed(0)
+    m = randomize(make(), x)
+    ref = m(x)
+    masks, cb = prepare(m, SDAP(target_flops=0.5), x[:1])
+    cb.on_train_start(_state())
+    assert all(k.all() for k in cb.keep.values())  # p_0 = 0: nothing masked yet
+    assert all(torch.equal(masks.value(r), torch.ones_like(masks.value(r))) for r in masks.groups)
+    assert torch.equal(m(x), ref)
+    if make is MiniResB:  # coupled channels (residual adds) share one gate: one group per add chain
+        groups = {g.root: g for g in channel_groups(copy.deepcopy(m), x[:1])}
+        assert set(masks.groups) == set(groups) and any(len(g.sites) > 1 for g in groups.values())
+
+
+def test_ramp_follows_cubic_formula():
+    assert cubic_rate(0, 100, 0.6) == 0.0
+    assert cubic_rate(50, 100, 0.6) == pytest.approx(0.6 * (1 - 0.5 ** 3))
+    assert cubic_rate(25, 100, 0.6) == pytest.approx(0.6 * (1 - 0.75 ** 3))
+    assert cubic_rate(100, 100, 0.6) == cubic_rate(170, 100, 0.6) == cubic_rate(3, 0, 0.6) == 0.6
+    masks, cb = prepare(_net(), SDAP(target_params=0.4, ramp_epochs=1.5), X)
+    assert cb.ramp_steps(_state()) == 6 and cb.ramp_steps(_state(epochs=1)) == 4  # clamped to the run
+    cb.p_final = 0.4
+    w = cb.ctl.weights
+    total, wmax = sum(float(v.sum()) for v in w.values()), max(float(v.max()) for v in w.values())
+    before = None
+    for t in range(10):
+        cb.remask(_state(step=t))
+        share = sum(float(w[r][~k].sum()) for r, k in cb.keep.items()) / total
+        p_t = 0.4 * (1 - (1 - min(t, 6) / 6) ** 3)
+        assert cb.rate(_state(step=t)) == pytest.approx(p_t)
+        assert p_t - wmax / total < share <= p_t + 1e-12  # weighted prefix up to p_t
+        masked = {(r, i) for r, k in cb.keep.items() for i in (~k).nonzero().flatten().tolist()}
+        assert before is None or before <= masked  # gates held at 0 stay masked as p_t grows
+        assert all(float(masks.value(r).detach()[i]) == 0.0 for r, i in masked)
+        before = masked
+
+
+def _group(root: str, n: int) -> ChannelGroup:
+    idx = tuple(range(n))
+    return ChannelGroup(0, root, "out", n, (Member(root, "conv", "out", idx, idx),), (root,))
+
+
+def test_global_ranking_honours_weights_and_min_width():
+    groups = [_group("a", 4), _group("b", 4)]
+    gates = {"a": torch.tensor([0.1, 0.5, 0.9, 0.95]), "b": torch.tensor([0.2, 0.3, 0.4, 0.6])}
+    heavy = {"a": torch.ones(4), "b": torch.full((4,), 3.0)}  # total 16
+    flat = {"a": torch.ones(4), "b": torch.ones(4)}  # total 8
+
+    def masked(weights, rate, min_width=1):
+        keep = global_keep(groups, gates, weights, rate, min_width)
+        return {(r, i) for r, k in keep.items() for i in (~k).nonzero().flatten().tolist()}
+
+    # |g| order: a0 b0 b1 b2 a1 b3 a2 a3; protected (min_width=1): a3, b3
+    assert masked(heavy, 0.25) == {("a", 0), ("b", 0)}  # cum weight 1, 4 <= 4
+    assert masked(heavy, 0.5) == {("a", 0), ("b", 0), ("b", 1)}  # 1, 4, 7 <= 8 < 10
+    assert masked(flat, 0.5) == {("a", 0), ("b", 0), ("b", 1), ("b", 2)}  # 4 channels of 8
+    assert masked(heavy, 1.0) == {("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)}
+    assert masked(heavy, 1.0, min_width=3) == {("a", 0), ("b", 0)}  # each keeps its 3 largest |g|
+    assert masked(heavy, 0.0) == set()
+
+
+def test_channel_costs_are_params_and_flops_each_channel_carries():
+    m = _net()
+    groups = channel_groups(copy.deepcopy(m), X)
+    params = channel_costs(m, groups, "params", X)
+    # conv1 channel: its 3x3 filter + BN gamma/beta + its input slice of conv2 (32 x 3x3)
+    assert torch.equal(params["features.0"], torch.full((32,), 9.0 + 2 + 32 * 9, dtype=torch.float64))
+    # conv2 channel: 32x3x3 filter + BN gamma/beta + its column of fc (4 classes)
+    assert torch.equal(params["features.3"], torch.full((32,), 32 * 9.0 + 2 + 4, dtype=torch.float64))
+    flops = channel_costs(m, groups, "flops", X)
+    assert float(flops["features.3"][0]) == pytest.approx(2 * 32 * 9 * 64 + 2 * 4)
+
+
+def test_fold_equals_gated_and_masked_equals_pruned(toy_data):
+    train, _ = toy_data
+    m = _net()
+    masks, cb = prepare(m, SDAP(target_flops=0.5, gate_l1=1e-3, ramp_epochs=1), X)
+    kp.train(m, train, None, FT, callbacks=[cb])
+    x = torch.randn(6, 1, 8, 8)
+    m.eval()
+    gated = m(x)
+    gates = torch.cat([masks.value(r).detach() for r in masks.groups])
+    keep = torch.cat(list(cb.keep.values()))
+    assert (~keep).sum() > 0 and torch.all(gates[~keep] == 0) and not torch.all(gates[keep] == 1)
+    folded = copy.deepcopy(m)
+    fold_gates_into_bn(folded, folded.kdprune_masks)
+    assert not hasattr(folded, "kdprune_masks")
+    torch.testing.assert_close(folded(x), gated, atol=1e-6, rtol=1e-6)
+    apply_plan(folded, X, keep_to_plan(cb.keep))
+    torch.testing.assert_close(folded(x), gated, atol=1e-5, rtol=1e-5)
+    plan = fold_and_remove(m, masks, cb.keep, X)
+    assert plan.num_removed == int((~keep).sum())
+    torch.testing.assert_close(m(x), gated, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in folded.parameters())
+
+
+@pytest.mark.parametrize("recipe, factory", [
+    (SDAP(target_flops=0.5, finetune=FT), TinyNet32),
+    (SDAP(target_params=0.4, finetune=FT, gate_l1=1e-3), TinyNet32),
+    (SDAP(target_flops=0.5, finetune=FT, mode="uniform"), TinyNet32),
+    (SDAP(target_params=0.5, finetune=FT, ramp_epochs=1), MiniResB),
+])
+def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
+    chans = 3 if factory is MiniResB else 1
+    train = make_images(128, chans=chans, size=16 if chans == 3 else 8, seed=0)
+    torch.manual_seed(0)
+    model = factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = kp.compress(model, recipe, train, None, out_dir=tmp_path, latency=False, progress=False,
+                      factory=factory)
+    key = recipe.target().metric
+    kept = res.report["after"][key] / res.report["before"][key]
+    assert abs(kept - recipe.target().value) <= 0.01
+    assert res.report["method"]["achieved"] == pytest.approx(kept)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(res.model, "kdprune_masks")
+    assert not any("kdprune_masks" in n for n in res.model.state_dict())
+    assert all(not mod._forward_hooks for mod in res.model.modules())
+    x = torch.randn(3, *train.images.shape[1:])
+    loaded = kp.load_pruned(tmp_path / "model", factory=factory)
+    assert torch.equal(loaded(x), res.model(x))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["recipe"]["type"] == "SDAP" and saved["method"]["channels_removed"] > 0
+
+
+def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
+    train, val = toy_data
+    recipe = SDAP(target_flops=0.5, finetune=FT, ramp_epochs=1.5, gate_l1=1e-3)
+    ref = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "ref", latency=False, factory=TinyNet32)
+    real_write = train_loop._write_epoch
+
+    def write_then_die(*args, **kw):
+        real_write(*args, **kw)
+        raise KeyboardInterrupt("killed after epoch checkpoint")
+
+    monkeypatch.setattr(train_loop, "_write_epoch", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", latency=False, factory=TinyNet32)
+    monkeypatch.setattr(train_loop, "_write_epoch", real_write)
+    res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", resume=True, latency=False,
+                      factory=TinyNet32)
+    a, b = ref.model.state_dict(), res.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert res.report["method"]["calibrations"] == ref.report["method"]["calibrations"]
+    drop = ("train_images_per_s", "epoch_time_s")
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in x.report["method"]["train"]] for x in (ref, res)]
+    assert rows[0] == rows[1] and rows[0][0]["sdap_rate"] < rows[0][1]["sdap_rate"]
+
+
+class _Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("teacher called")
+
+
+def test_alpha_zero_uses_no_teacher(toy_data):
+    train, _ = toy_data
+    ctx = CompressContext(_Boom(), train, None, X, None, False, False)
+    assert isinstance(sdap_task(SDAP(target_flops=0.5, alpha=0.0), ctx), CETask)
+    task = sdap_task(SDAP(target_flops=0.5, alpha=0.9, temperature=2.0), ctx)
+    assert isinstance(task, KDTask) and task.alpha == 0.9 and task.temperature == 2.0
+    model, info = run_recipe(SDAP(target_flops=0.5, alpha=0.0, finetune=FT), _net(), ctx)
+    assert abs(info["flops_kept"] - 0.5) <= 0.01
+    with pytest.raises(RuntimeError, match="teacher called"):
+        run_recipe(SDAP(target_flops=0.5, alpha=0.9, finetune=FT), _net(), ctx)
+
+
+def test_recipe_registration_validation_and_json():
+    assert kp.recipes.SDAP is SDAP and methods()["sdap"] is SDAP
+    r = SDAP(target_params=0.3, ramp_epochs=2.5, mode="uniform", weight_by_cost=False)
+    assert from_dict(SDAP, json.loads(json.dumps(to_tagged_dict(r)))) == r
+    for bad in ({"mode": "layer"}, {"alpha": 1.5}, {"round_to": 8}, {"ramp_epochs": -1}, {"min_width": 0}):
+        with pytest.raises(ValueError):
+            SDAP(target_flops=0.5, **bad)
+    with pytest.raises(ValueError, match="cannot be met"):
+        prepare(_net(), SDAP(target_params=0.1, min_width=16), X)
