@@ -42,12 +42,15 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs"), help="where the training runs go")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    rows = [run_one(m.split(":")[0], int(m.split(":")[1]), args.runs, args.seed) for m in args.models]
     cols = {"model": "model", "epochs": "epochs", "top1": "test top-1 %", "params": "params", "macs": "MACs",
             "flops": "FLOPs", "lat_bs1_ms": "CPU ms (bs 1)", "lat_bs64_ms": "CPU ms (bs 64)",
             "train_s_per_epoch": "train s/epoch"}
-    print(open(write_results("zoo_fmnist", rows, cols, {"seeds": 1, "data": "fashion-mnist 60k/10k",
-                                                        "latency": "median of 30, 2 threads"})).read())
+    extra = {"seeds": 1, "data": "fashion-mnist 60k/10k", "latency": "median of 30, 2 threads"}
+    rows = []
+    for m in args.models:  # the table is rewritten after each model, so a long run keeps what it has
+        rows.append(run_one(m.split(":")[0], int(m.split(":")[1]), args.runs, args.seed))
+        path = write_results("zoo_fmnist", rows, cols, extra)
+    print(open(path).read())
 
 
 if __name__ == "__main__":
