@@ -57,3 +57,23 @@ def toy_data() -> tuple[ImageDataset, ImageDataset]:
 def tiny_net() -> TinyNet:
     torch.manual_seed(0)
     return TinyNet()
+
+
+def assert_resume_is_bit_exact(run, tmp_path, monkeypatch) -> None:
+    """`run(out_dir, resume) -> model`: kill it right after its first epoch checkpoint, resume it,
+    and require the same weights, bit for bit, as an uninterrupted run."""
+    from kdprune.training import loop
+
+    ref = run(tmp_path / "ref", False)
+    real_write = loop._write_epoch
+
+    def write_then_die(*args, **kw):
+        real_write(*args, **kw)
+        raise KeyboardInterrupt("killed after epoch checkpoint")
+
+    monkeypatch.setattr(loop, "_write_epoch", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", False)
+    monkeypatch.setattr(loop, "_write_epoch", real_write)
+    a, b = ref.state_dict(), run(tmp_path / "run", True).state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import kdprune as kp
-from kdprune.training import loop as train_loop
 
-from ..conftest import TinyNet
+from ..conftest import TinyNet, assert_resume_is_bit_exact
 
 FT = kp.TrainConfig(epochs=2, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
 
@@ -56,22 +55,12 @@ def test_l1_and_kd_prune_the_same_channels(toy_data):
 def test_resume_after_kill_during_finetune(toy_data, tmp_path, monkeypatch):
     train, val = toy_data
     recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=FT)
-    ref = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "ref", latency=False, factory=TinyNet32)
 
-    real_write = train_loop._write_epoch
+    def run(out, resume):
+        return kp.compress(_net(), recipe, train, val, out_dir=out, resume=resume, latency=False,
+                           factory=TinyNet32).model
 
-    def write_then_die(*args, **kw):
-        real_write(*args, **kw)
-        raise KeyboardInterrupt("killed after epoch checkpoint")
-
-    monkeypatch.setattr(train_loop, "_write_epoch", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", latency=False, factory=TinyNet32)
-    monkeypatch.setattr(train_loop, "_write_epoch", real_write)
-    res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", resume=True, latency=False,
-                      factory=TinyNet32)
-    for (k, a), b in zip(ref.model.state_dict().items(), res.model.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch)
 
 
 def test_bad_recipe_and_target(toy_data):

@@ -20,9 +20,8 @@ from kdprune.methods.sdap import (
     SDAP, channel_costs, cubic_rate, fold_and_remove, global_keep, keep_to_plan, prepare, sdap_task,
 )
 from kdprune.training import LoopState
-from kdprune.training import loop as train_loop
 
-from ..conftest import TinyNet, make_images
+from ..conftest import TinyNet, assert_resume_is_bit_exact, make_images
 from ..engine.tiny_models import MiniRes, randomize
 
 torch.set_num_threads(1)
@@ -179,25 +178,12 @@ def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
 def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
     train, val = toy_data
     recipe = SDAP(target_flops=0.5, finetune=FT, ramp_epochs=1.5, gate_l1=1e-3)
-    ref = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "ref", latency=False, factory=TinyNet32)
-    real_write = train_loop._write_epoch
 
-    def write_then_die(*args, **kw):
-        real_write(*args, **kw)
-        raise KeyboardInterrupt("killed after epoch checkpoint")
+    def run(out, resume):
+        return kp.compress(_net(), recipe, train, val, out_dir=out, resume=resume, latency=False,
+                           factory=TinyNet32).model
 
-    monkeypatch.setattr(train_loop, "_write_epoch", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", latency=False, factory=TinyNet32)
-    monkeypatch.setattr(train_loop, "_write_epoch", real_write)
-    res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / "run", resume=True, latency=False,
-                      factory=TinyNet32)
-    a, b = ref.model.state_dict(), res.model.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert res.report["method"]["calibrations"] == ref.report["method"]["calibrations"]
-    drop = ("train_images_per_s", "epoch_time_s")
-    rows = [[{k: v for k, v in r.items() if k not in drop} for r in x.report["method"]["train"]] for x in (ref, res)]
-    assert rows[0] == rows[1] and rows[0][0]["sdap_rate"] < rows[0][1]["sdap_rate"]
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch)
 
 
 class _Boom(nn.Module):
