@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config
-from kdprune.cli.config_io import from_dict, to_tagged_dict
+from kdprune.training.config_io import from_dict, to_tagged_dict
 from kdprune.training.config import SGD, AdamW, Cosine, OneCycle, TrainConfig
 
 

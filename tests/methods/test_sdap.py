@@ -11,7 +11,7 @@ from torch import nn
 
 import kdprune as kp
 from kdprune.cli.compress_cmd import methods
-from kdprune.cli.config_io import from_dict, to_tagged_dict
+from kdprune.training.config_io import from_dict, to_tagged_dict
 from kdprune.distill import CETask, KDTask
 from kdprune.engine import ChannelGroup, Member, apply_plan, channel_groups, fold_gates_into_bn
 from kdprune.methods.base import CompressContext

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdprune.cli.config_io import UNION_NAMES, from_dict, load_yaml
+from kdprune.training.config_io import UNION_NAMES, from_dict, load_yaml
 from kdprune.training.config import TrainConfig
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune.cli.common import add_data_args, add_train_args, merge_train_flags
-from kdprune.cli.config_io import from_dict, load_yaml, to_tagged_dict
+from kdprune.training.config_io import from_dict, load_yaml, to_tagged_dict
 
 
 def methods() -> dict[str, type]:

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config, parse_kv
-from kdprune.cli.config_io import to_tagged_dict
+from kdprune.training.config_io import to_tagged_dict
 
 
 def add_parser(sub) -> None:

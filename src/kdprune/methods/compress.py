@@ -14,6 +14,7 @@ from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import compare_latency, complexity, format_markdown, layer_widths
 from kdprune.training import evaluate
+from kdprune.training.config_io import to_tagged_dict
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import run_metadata, write_json
 
@@ -85,8 +86,6 @@ def compress(
 
 
 def _recipe_record(recipe: Any) -> dict[str, Any]:
-    from kdprune.cli.config_io import to_tagged_dict
-
     return {"type": type(recipe).__name__, **to_tagged_dict(recipe)}
 
 

@@ -20,7 +20,7 @@ from kdprune.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_check
 from kdprune.training.config import TrainConfig
 from kdprune.training.evaluate import evaluate
 from kdprune.training.optim import build_optimizer, build_schedule
-from kdprune.utils.dist import all_reduce_sum, barrier, init_distributed
+from kdprune.utils.dist import all_reduce_sum, barrier, dist_info, init_distributed
 from kdprune.utils.meta import run_metadata, write_json
 from kdprune.utils.seed import seed_everything
 
@@ -37,8 +37,6 @@ class TrainResult:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> this rank's CUDA device when available, else CPU."""
-    from kdprune.utils.dist import dist_info
-
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
@@ -61,11 +59,6 @@ def check_input_compat(model: nn.Module, data: Any) -> None:
             f"model expects in_chans={model_c} but the data has {data_c} channels; "
             f"create the model with in_chans={data_c}"
         )
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    m = m.module if isinstance(m, DDP) else m
-    return getattr(m, "_orig_mod", m)  # torch.compile wrapper
 
 
 def _train_epoch(runner, task, loader, opt, sched, cfg, state, callbacks, device, bar) -> dict[str, float]:
@@ -111,8 +104,6 @@ def extra_params(task) -> list[torch.Tensor]:
 
 
 def _average_grads(params: list[torch.Tensor]) -> None:
-    from kdprune.utils.dist import dist_info
-
     world = dist_info().world_size
     for p in params:
         if world > 1 and p.grad is not None:
@@ -229,11 +220,11 @@ def train(
     for cb in callbacks:
         cb.on_train_start(state)
     return _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state,
-                       callbacks, device, out if save_model else None, history, info.is_main, out)
+                       callbacks, device, out, history, info.is_main, save_model)
 
 
 def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, callbacks,
-                device, model_out, history, is_main, out) -> TrainResult:
+                device, out, history, is_main, save_model) -> TrainResult:
     metrics: dict[str, float] = history[-1] if history else {}
     try:
         while state.epoch < cfg.epochs:
@@ -257,8 +248,8 @@ def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, c
             barrier()
     except StopTraining:
         pass
-    if model_out is not None and is_main:
-        _save_final(model_out, model)
+    if save_model and out is not None and is_main:
+        _save_final(out, model)
     return TrainResult(model=model, history=history, metrics=metrics, out_dir=out)
 
 

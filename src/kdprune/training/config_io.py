@@ -1,4 +1,4 @@
-"""Typed configs <-> plain dicts (JSON/YAML). Names map to types only here, at the boundary."""
+"""Typed configs <-> plain dicts (JSON/YAML, the CLI, run records). Names map to types only here."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +18,6 @@ UNION_NAMES: dict[str, type] = {
     "sgd": SGD, "adam": Adam, "adamw": AdamW,
     "constant": Constant, "step": Step, "cosine": Cosine, "onecycle": OneCycle,
 }
-
-
-def register_config_type(name: str, cls: type) -> None:
-    """Make a config dataclass reachable by `name` in YAML and on the command line."""
-    if UNION_NAMES.get(name, cls) is not cls:
-        raise ValueError(f"config type name {name!r} is taken by {UNION_NAMES[name].__name__}")
-    UNION_NAMES[name] = cls
 
 
 def type_name(cls: type) -> str:
