@@ -14,12 +14,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
 
 import argparse
-import copy
-import json
 from pathlib import Path
 
 import kdprune as kp
-from common import write_results
+from common import LATENCY_NOTE, add_latency, dense_control, run_recipe, write_results
 
 
 def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: bool) -> dict[str, object]:
@@ -31,23 +29,6 @@ def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: boo
             "GroupNorm": r.GroupNorm(target_flops=target, finetune=ft,
                                      sparse=kp.TrainConfig(epochs=sparse_epochs, optimizer=kp.SGD(lr=0.01))),
             "KDFinetune": r.KDFinetune(target_flops=target, finetune=ft)}
-
-
-def run_recipe(name: str, recipe, base, train, val, out: Path) -> tuple[dict, object]:
-    """Compress (resuming if a run is there); returns (row, model)."""
-    if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text()), kp.load_pruned(out / "model")
-    try:
-        res = kp.compress(base, recipe, train, val, out_dir=out, resume=True, latency=False)
-    except ValueError as e:  # e.g. a round_to grid that cannot meet the target within 1%
-        return {"error": str(e)}, None
-    return res.report, res.model
-
-
-def dense_control(base, train, val, ft: kp.TrainConfig, out: Path) -> float:
-    """Top-1 of the dense base trained for the fine-tune epochs too (the control)."""
-    res = kp.train(copy.deepcopy(base), train, val, ft, out_dir=out, resume=(out / "checkpoint.pt").is_file())
-    return kp.evaluate(res.model, val)["top1"]
 
 
 def main() -> None:
@@ -79,7 +60,7 @@ def main() -> None:
     for t in args.targets:
         for name, recipe in recipes(t, ft, args.sparse_epochs, t in args.round_to_targets).items():
             tag = name.lower().replace(" ", "").replace("(", "-").replace(")", "").replace("=", "")
-            rep, model = run_recipe(name, recipe, base, train, val, args.runs / f"{tag}-f{t}-s{args.seed}")
+            rep, model = run_recipe(recipe, base, train, val, args.runs / f"{tag}-f{t}-s{args.seed}")
             if model is None:
                 rows.append({"method": name, "target": t, "note": rep["error"][:120]})
                 continue
@@ -87,18 +68,13 @@ def main() -> None:
             rows.append({"method": name, "key": f"{name} @{t}", "target": t, **rep["after"],
                          "wall_s": rep["wall_time_s"],
                          "extra_epochs": args.epochs + (args.sparse_epochs if name == "GroupNorm" else 0)})
-    lat = kp.metrics.compare_latency(models, tuple(x.shape[1:]), batch_sizes=(1, 64), threads=2, rounds=15)
-    for row in (r for r in rows if "key" in r):
-        key = row["key"]
-        row.update(flops_kept=row["flops"] / base_m["flops"], params_kept=row["params"] / base_m["params"],
-                   lat_bs1_ms=lat[key][1]["median_ms"], lat_bs64_ms=lat[key][64]["median_ms"],
-                   speedup_bs64=lat[key][64]["speedup"], speedup_bs1=lat[key][1]["speedup"])
+    add_latency(rows, models, base_m, tuple(x.shape[1:]))
     cols = {"method": "method", "target": "FLOPs target", "top1": "top-1 %", "params": "params",
             "flops": "FLOPs", "flops_kept": "FLOPs kept", "lat_bs64_ms": "CPU ms bs64",
             "speedup_bs64": "speed-up bs64", "speedup_bs1": "speed-up bs1", "extra_epochs": "extra epochs",
             "wall_s": "wall s", "note": "note"}
     extra = {"seeds": 1, "base": str(args.base), "finetune": f"{args.epochs} epochs SGD lr 0.01 cosine",
-             "latency": "median of 15 interleaved rounds, 2 threads; speed-up = base median / model median"}
+             "latency": LATENCY_NOTE}
     print(open(write_results(args.name, rows, cols, extra)).read())
 
 

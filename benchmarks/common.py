@@ -1,16 +1,47 @@
-"""Helpers shared by the benchmark scripts (public API only): result files with provenance."""
+"""Helpers shared by the benchmark scripts (public API only): runs that resume, latency, result files."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import kdprune as kp
 from kdprune.metrics import format_markdown
 from kdprune.utils.meta import run_metadata, write_json
 
 RESULTS = Path(__file__).parent / "results"
+LATENCY_NOTE = "median of 15 interleaved rounds, 2 threads; speed-up = base median / model median"
+
+
+def run_recipe(recipe: Any, base: Any, train: Any, val: Any, out: Path) -> tuple[dict, Any]:
+    """Compress (resuming a killed run, reusing a finished one); returns (report, model)."""
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text()), kp.load_pruned(out / "model")
+    try:
+        res = kp.compress(base, recipe, train, val, out_dir=out, resume=True, latency=False)
+    except ValueError as e:  # e.g. a round_to grid that cannot meet the target within 1%
+        return {"error": str(e)}, None
+    return res.report, res.model
+
+
+def dense_control(base: Any, train: Any, val: Any, ft: kp.TrainConfig, out: Path) -> float:
+    """Top-1 of the dense base trained for the fine-tune epochs too (the control)."""
+    res = kp.train(copy.deepcopy(base), train, val, ft, out_dir=out, resume=(out / "checkpoint.pt").is_file())
+    return kp.evaluate(res.model, val)["top1"]
+
+
+def add_latency(rows: list[dict[str, Any]], models: dict[str, Any], base_m: dict[str, float],
+                shape: tuple[int, ...]) -> None:
+    """Interleaved CPU latency of every model; fills kept fractions and speed-ups into rows with a key."""
+    lat = kp.metrics.compare_latency(models, shape, batch_sizes=(1, 64), threads=2, rounds=15)
+    for row in (r for r in rows if r.get("key") in lat):
+        key = row["key"]
+        row.update(flops_kept=row["flops"] / base_m["flops"], params_kept=row["params"] / base_m["params"],
+                   lat_bs1_ms=lat[key][1]["median_ms"], lat_bs64_ms=lat[key][64]["median_ms"],
+                   speedup_bs64=lat[key][64]["speedup"], speedup_bs1=lat[key][1]["speedup"])
 
 
 def write_results(name: str, rows: list[dict[str, Any]], columns: dict[str, str], extra: dict | None = None) -> Path:
