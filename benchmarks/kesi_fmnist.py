@@ -35,6 +35,23 @@ def ensemble_row(rep: dict, base_m: dict, run: Path, x) -> dict:
             "note": "KESI's teacher: " + ", ".join(members)}
 
 
+def plan(args: argparse.Namespace) -> tuple[list[tuple], int]:
+    """(key, display name, run tag, recipe, total epochs) of every compared run; the rounds' epochs."""
+    t, r, s = args.target_flops, args.rounds, args.seed
+    rounds_epochs, total = r * args.retrain_epochs, r * args.retrain_epochs + args.distill_epochs
+    common = dict(target_flops=t, rounds=r, retrain_epochs=args.retrain_epochs)
+    ft = kp.TrainConfig(epochs=total, optimizer=kp.SGD(lr=0.01), seed=s)
+    rec = kp.recipes
+    runs = [("PFEC", "PFEC", f"pfec-r{r}x{args.retrain_epochs}-f{t}-s{s}", rec.KESIPFEC(**common), rounds_epochs),
+            ("KESI", "PFEC + KESI", f"kesi-r{r}x{args.retrain_epochs}-d{args.distill_epochs}-f{t}-s{s}",
+             rec.KESI(**common, distill_epochs=args.distill_epochs), total),
+            ("L1Finetune", "L1Finetune", f"l1finetune-e{total}-f{t}-s{s}",
+             rec.L1Finetune(target_flops=t, finetune=ft), total),
+            ("KDFinetune", "KDFinetune", f"kdfinetune-e{total}-f{t}-s{s}",
+             rec.KDFinetune(target_flops=t, finetune=ft), total)]
+    return runs, rounds_epochs
+
+
 def main() -> None:
     """Run PFEC, KESI and the baselines (resuming), then interleaved latency; write the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +64,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
     p.add_argument("--name", default="kesi_fmnist", help="results file name")
+    p.add_argument("--only", nargs="+", choices=("PFEC", "KESI", "L1Finetune", "KDFinetune"),
+                   help="run only these and write no table: to split the work over processes")
     args = p.parse_args()
     train, val = kp.data.load("fashion-mnist")
     if args.subset:
@@ -54,18 +73,16 @@ def main() -> None:
     base = kp.load_pruned(args.base / "model")
     x = kp.methods.infer_example_input(train)
     base_m = kp.methods.measure(base, val, x)
-    t, r, s = args.target_flops, args.rounds, args.seed
-    rounds_epochs, total = r * args.retrain_epochs, r * args.retrain_epochs + args.distill_epochs
-    common = dict(target_flops=t, rounds=r, retrain_epochs=args.retrain_epochs)
-    ft = kp.TrainConfig(epochs=total, optimizer=kp.SGD(lr=0.01), seed=s)
-    runs = [("PFEC", f"pfec-r{r}x{args.retrain_epochs}-f{t}-s{s}", kp.recipes.KESIPFEC(**common), rounds_epochs),
-            ("PFEC + KESI", f"kesi-r{r}x{args.retrain_epochs}-d{args.distill_epochs}-f{t}-s{s}",
-             kp.recipes.KESI(**common, distill_epochs=args.distill_epochs), total),
-            ("L1Finetune", f"l1finetune-f{t}-s{s}", kp.recipes.L1Finetune(target_flops=t, finetune=ft), total),
-            ("KDFinetune", f"kdfinetune-f{t}-s{s}", kp.recipes.KDFinetune(target_flops=t, finetune=ft), total)]
+    runs, rounds_epochs = plan(args)
+    r = args.rounds
+    if args.only:
+        for key, _, tag, recipe, _ in runs:
+            if key in args.only:
+                run_recipe(recipe, base, train, val, args.runs / tag)
+        return
     rows = [{"method": "dense base", "key": "dense base", **base_m, "epochs": 0}]
     models = {"dense base": base}
-    for name, tag, recipe, epochs in runs:
+    for _, name, tag, recipe, epochs in runs:
         rep, model = run_recipe(recipe, base, train, val, args.runs / tag)
         if model is None:
             rows.append({"method": name, "note": rep["error"][:120]})

@@ -67,6 +67,25 @@ def plot_widths(reports: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def setup(args: argparse.Namespace) -> tuple:
+    """(train, val, base model, the shared training config) for this invocation."""
+    train, val = kp.data.load("fashion-mnist")
+    if args.subset:
+        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
+    base = kp.load_pruned(args.base / "model")
+    return train, val, base, kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
+
+
+def run_only(args: argparse.Namespace) -> None:
+    """Run (or resume) the named runs only; a later full invocation reuses them for the table."""
+    train, val, base, ft = setup(args)
+    chosen = {tag: recipe for _, _, tag, recipe in recipes(ft, args.ramp_epochs) if tag in args.only}
+    if unknown := set(args.only) - set(chosen):
+        raise SystemExit(f"unknown run tags {sorted(unknown)}; known: {[t for _, _, t, _ in recipes(ft, 0)]}")
+    for tag in args.only:
+        run_recipe(chosen[tag], base, train, val, args.runs / f"{tag}-s{args.seed}")
+
+
 def main() -> None:
     """Run every recipe (resuming), the control, interleaved latency; write table and plot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,12 +96,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
     p.add_argument("--name", default="sdap_fmnist", help="results file name")
+    p.add_argument("--only", nargs="+", metavar="TAG",
+                   help="run only these runs (e.g. sdap-p0.25) and write no table: to split the work over processes")
     args = p.parse_args()
-    train, val = kp.data.load("fashion-mnist")
-    if args.subset:
-        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
-    base = kp.load_pruned(args.base / "model")
-    ft = kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
+    if args.only:
+        return run_only(args)
+    train, val, base, ft = setup(args)
     x = kp.methods.infer_example_input(train)
     base_m = kp.methods.measure(base, val, x)
     rows = [{"method": "dense base", "key": "dense base", "target": "-", **base_m, "epochs": 0},
@@ -98,7 +117,7 @@ def main() -> None:
         models[key] = model
         rows.append({"method": name, "key": key, "target": label, **rep["after"], "epochs": args.epochs,
                      "delta": rep["after"]["top1"] - base_m["top1"], "wall_s": rep["wall_time_s"]})
-        if label == "params 0.25" and "alpha=0" not in name:
+        if label == "params 0.25" and name in ("SDAP", "L1Finetune", "SDAP, uniform rates"):  # KD = L1's plan
             at25[name] = rep
     add_latency(rows, models, base_m, tuple(x.shape[1:]))
     plot_widths(at25, RESULTS / f"{args.name.replace('sdap_', 'sdap_widths_')}.png")
