@@ -14,10 +14,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
 
 import argparse
-from pathlib import Path
 
 import kdprune as kp
-from common import LATENCY_NOTE, add_latency, dense_control, run_recipe, write_results
+from common import (LATENCY_NOTE, add_latency, add_run_args, dense_control, load_inputs, run_recipe,
+                    write_results)
 
 
 def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: bool) -> dict[str, object]:
@@ -34,21 +34,14 @@ def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: boo
 def main() -> None:
     """Run every recipe at every target, the control, then interleaved latency; write the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=Path("runs/base-resnet20"))
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--epochs", type=int, default=4, help="fine-tune epochs (all methods and the control)")
     p.add_argument("--sparse-epochs", type=int, default=2, help="GroupNorm sparse-training epochs")
     p.add_argument("--round-to-targets", type=float, nargs="*", default=[0.5],
                    help="targets at which L1Finetune also runs with round_to=8 (latency effect)")
-    p.add_argument("--runs", type=Path, default=Path("runs/baselines"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
-    p.add_argument("--name", default="baselines_fmnist", help="results file name")
+    add_run_args(p, "baselines_fmnist")
     args = p.parse_args()
-    train, val = kp.data.load("fashion-mnist")
-    if args.subset:
-        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
-    base = kp.load_pruned(args.base / "model")
+    train, val, base = load_inputs(args)
     ft = kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
     x = kp.methods.infer_example_input(train)
     base_m = kp.methods.measure(base, val, x)

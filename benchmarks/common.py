@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (public API only): runs that resume, latency, result files."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -14,6 +15,23 @@ from kdprune.utils.meta import run_metadata, write_json
 
 RESULTS = Path(__file__).parent / "results"
 LATENCY_NOTE = "median of 15 interleaved rounds, 2 threads; speed-up = base median / model median"
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options every pruning table shares: base run, runs folder, seed, smoke subset, file name."""
+    p.add_argument("--base", type=Path, default=Path("runs/base-resnet20"), help="kdprune train run to start from")
+    p.add_argument("--runs", type=Path, default=Path("runs/baselines"), help="where the compress runs go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
+    p.add_argument("--name", default=name, help="results file name")
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(train, val, base model) for a table: Fashion-MNIST (subset if asked) and the base run's model."""
+    train, val = kp.data.load("fashion-mnist")
+    if args.subset:
+        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
+    return train, val, kp.load_pruned(args.base / "model")
 
 
 def run_recipe(recipe: Any, base: Any, train: Any, val: Any, out: Path) -> tuple[dict, Any]:

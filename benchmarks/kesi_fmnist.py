@@ -7,9 +7,9 @@ the same final size, against L1Finetune and KDFinetune (Le, Vo, Thoai, BMVC 2020
 PFEC and KESI run the same L1 rounds towards the same final FLOPs; PFEC retrains each round at a
 constant lr 1e-3, KESI with a one-cycle restart (max lr 0.1). "PFEC + one-cycle" is KESI's last
 snapshot before distillation (KESI with distill_epochs=0 runs exactly those rounds), so it costs
-nothing extra. L1Finetune/KDFinetune train for KESI's total epochs (the baseline table's runs are
-reused when there). Runs resume when killed; latency is measured at the end, interleaved. Writes
-benchmarks/results/kesi_fmnist.{json,md}.
+nothing extra. L1Finetune/KDFinetune train for KESI's total epochs unless --baseline-epochs says
+otherwise (the baseline table's runs are reused when there). Runs resume when killed; latency is
+measured at the end, interleaved. Writes benchmarks/results/<name>.{json,md}.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import kdprune as kp
-from common import LATENCY_NOTE, add_latency, run_recipe, write_results
+from common import LATENCY_NOTE, add_latency, add_run_args, load_inputs, run_recipe, write_results
 
 
-def ensemble_row(rep: dict, base_m: dict, run: Path, x) -> dict:
+def ensemble_row(rep: dict, base_m: dict, run: Path, x: Any) -> dict:
     """The snapshot ensemble's accuracy (from the KESI report) and the summed size of its members."""
     members = rep["method"]["ensemble"]["members"]
     sizes = [base_m if m == "base" else
@@ -56,16 +57,12 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple], int]:
 def parse_args() -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=Path("runs/base-resnet20"))
     p.add_argument("--target-flops", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--retrain-epochs", type=int, default=1, help="per round, PFEC and KESI")
     p.add_argument("--distill-epochs", type=int, default=2)
     p.add_argument("--baseline-epochs", type=int, help="L1/KD fine-tune epochs (default: KESI's total)")
-    p.add_argument("--runs", type=Path, default=Path("runs/baselines"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
-    p.add_argument("--name", default="kesi_fmnist", help="results file name")
+    add_run_args(p, "kesi_fmnist")
     p.add_argument("--only", nargs="+", choices=("PFEC", "KESI", "L1Finetune", "KDFinetune"),
                    help="run only these and write no table: to split the work over processes")
     return p.parse_args()
@@ -74,19 +71,16 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Run PFEC, KESI and the baselines (resuming), then interleaved latency; write the table."""
     args = parse_args()
-    train, val = kp.data.load("fashion-mnist")
-    if args.subset:
-        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
-    base = kp.load_pruned(args.base / "model")
-    x = kp.methods.infer_example_input(train)
-    base_m = kp.methods.measure(base, val, x)
+    train, val, base = load_inputs(args)
     runs, rounds_epochs = plan(args)
-    r = args.rounds
     if args.only:
         for key, _, tag, recipe, _ in runs:
             if key in args.only:
                 run_recipe(recipe, base, train, val, args.runs / tag)
         return
+    r = args.rounds
+    x = kp.methods.infer_example_input(train)
+    base_m = kp.methods.measure(base, val, x)
     rows = [{"method": "dense base", "key": "dense base", **base_m, "epochs": 0}]
     models = {"dense base": base}
     for _, name, tag, recipe, epochs in runs:
@@ -110,9 +104,9 @@ def main() -> None:
             "speedup_bs64": "speed-up bs64", "speedup_bs1": "speed-up bs1", "epochs": "epochs",
             "wall_s": "wall s", "note": "note"}
     extra = {"seeds": 1, "base": str(args.base),
-             "rounds": f"{r} L1 rounds to {args.target_flops} of FLOPs, {args.retrain_epochs} epoch(s) each; KESI: one-cycle "
-                       f"max lr 0.1 SGD, then {args.distill_epochs} epochs Adam one-cycle 1e-3, T=5, mean KL; "
-                       "PFEC: constant lr 1e-3",
+             "rounds": f"{r} L1 rounds to {args.target_flops} of FLOPs, {args.retrain_epochs} epoch(s) each; "
+                       f"KESI: one-cycle max lr 0.1 SGD, then {args.distill_epochs} epochs Adam one-cycle 1e-3, "
+                       "T=5, mean KL; PFEC: constant lr 1e-3",
              "baselines": "SGD lr 0.01 cosine for the epochs in the table", "latency": LATENCY_NOTE}
     print(open(write_results(args.name, rows, cols, extra)).read())
 

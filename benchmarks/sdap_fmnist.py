@@ -19,7 +19,8 @@ import argparse
 from pathlib import Path
 
 import kdprune as kp
-from common import LATENCY_NOTE, RESULTS, add_latency, dense_control, run_recipe, write_results
+from common import (LATENCY_NOTE, RESULTS, add_latency, add_run_args, dense_control, load_inputs, run_recipe,
+                    write_results)
 
 TARGETS = (("params", 0.25), ("flops", 0.5))
 
@@ -69,11 +70,7 @@ def plot_widths(reports: dict[str, dict], path: Path) -> None:
 
 def setup(args: argparse.Namespace) -> tuple:
     """(train, val, base model, the shared training config) for this invocation."""
-    train, val = kp.data.load("fashion-mnist")
-    if args.subset:
-        train, val = train.subset(args.subset[0]), val.subset(args.subset[1])
-    base = kp.load_pruned(args.base / "model")
-    return train, val, base, kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
+    return *load_inputs(args), kp.TrainConfig(epochs=args.epochs, optimizer=kp.SGD(lr=0.01), seed=args.seed)
 
 
 def run_only(args: argparse.Namespace) -> None:
@@ -89,13 +86,9 @@ def run_only(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run every recipe (resuming), the control, interleaved latency; write table and plot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=Path("runs/base-resnet20"))
     p.add_argument("--epochs", type=int, default=4, help="total training epochs of every method")
     p.add_argument("--ramp-epochs", type=float, default=2.0, help="SDAP's cubic ramp (within --epochs)")
-    p.add_argument("--runs", type=Path, default=Path("runs/baselines"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="smoke runs only")
-    p.add_argument("--name", default="sdap_fmnist", help="results file name")
+    add_run_args(p, "sdap_fmnist")
     p.add_argument("--only", nargs="+", metavar="TAG",
                    help="run only these runs (e.g. sdap-p0.25) and write no table: to split the work over processes")
     args = p.parse_args()
