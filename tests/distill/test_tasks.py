@@ -100,7 +100,7 @@ def test_hint_kd_task(batch):
         t_feat = teacher[2](teacher[1](teacher[0](x)))
     torch.testing.assert_close(terms["hint"], 0.5 * hint([s_feat], [t_feat]))
     sum(terms.values()).backward()
-    assert all(p.grad is not None for p in task.trainable_parameters())
+    assert all(p.grad is not None for p in task.trainable_modules()["hint"].parameters())
     assert all(p.grad is None for p in teacher.parameters())
     # Taps are per call: no hooks remain on either network.
     assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))

@@ -1,4 +1,7 @@
-"""Run by test_ddp under torchrun: trains TinyNet on 2 gloo ranks, saves each rank's weights."""
+"""Run by test_ddp under torchrun: trains on 2 gloo ranks, saves each rank's weights.
+
+Modes: ``ce`` trains TinyNet with cross-entropy; ``mutual`` trains PlainNet with a peer network
+(a two-model task, MutualTask) on unaugmented data, to compare with one process."""
 import sys
 from pathlib import Path
 
@@ -11,19 +14,35 @@ from kdprune.training import TrainConfig, train  # noqa: E402
 from kdprune.training.config import SGD  # noqa: E402
 from kdprune.utils.dist import dist_info  # noqa: E402
 from tests.conftest import TinyNet, make_images  # noqa: E402
+from tests.training.helpers import MutualTask, PlainNet  # noqa: E402
 
 
-def main(out: Path) -> None:
+def mutual_setup(seed: int) -> tuple:
+    """Student, task and config of the two-model run (same in torchrun and in one process)."""
+    torch.manual_seed(seed)
+    student, peer = PlainNet(), PlainNet(width=5)
+    cfg = TrainConfig(epochs=2, batch_size=16, optimizer=SGD(lr=0.1), augment=False, progress=False, seed=3)
+    return student, MutualTask(peer), cfg
+
+
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = dist_info().rank
-    torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
     train_set, val_set = make_images(64, seed=0), make_images(20, seed=1)
-    cfg = TrainConfig(epochs=2, batch_size=16, optimizer=SGD(lr=0.05), progress=False, seed=3)
-    res = train(TinyNet(), train_set, val_set, cfg, out_dir=out / "run")
-    save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+    if mode == "mutual":
+        # different init per rank: DDP must broadcast rank 0's, for the peer too
+        student, task, cfg = mutual_setup(seed=7 if rank == 0 else 100 + rank)
+        res = train(student, train_set, val_set, cfg, task=task, out_dir=out / "run")
+        weights = {**res.model.state_dict(), **{f"peer.{k}": v for k, v in task.peer.state_dict().items()}}
+    else:
+        torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
+        cfg = TrainConfig(epochs=2, batch_size=16, optimizer=SGD(lr=0.05), progress=False, seed=3)
+        res = train(TinyNet(), train_set, val_set, cfg, out_dir=out / "run")
+        weights = res.model.state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"metrics{rank}.txt").write_text(repr(sorted((k, v) for k, v in res.metrics.items()
                                                         if k not in ("epoch_time_s", "train_images_per_s"))))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ce")

@@ -27,7 +27,7 @@ class RunConfig:
 # flag dest -> (section, key): where an explicitly given flag lands in the config dict
 _TRAIN_FLAGS = ("epochs", "batch_size", "eval_batch_size", "label_smoothing", "grad_clip", "bf16",
                 "channels_last", "compile", "seed", "device", "threads", "max_steps_per_epoch",
-                "eval_every", "augment", "progress")
+                "eval_every", "augment", "progress", "weight_decay_1d")
 _OPT_FLAGS = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}
 _SCHED_FLAGS = {"warmup_epochs": "warmup_epochs", "min_lr": "min_lr", "max_lr": "max_lr"}
 
@@ -51,6 +51,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="learning rate (sgd default 0.1, adam/adamw 1e-3)")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, help="weight decay (sgd 5e-4, adamw 1e-2)")
+    g.add_argument("--weight-decay-1d", action="store_const", const=True,
+                   help="also decay BN affine, biases and gates (default: conv/linear weights only)")
     g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"],
                    help="LR schedule, stepped per batch (default cosine)")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up (constant/step/cosine)")

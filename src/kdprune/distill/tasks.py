@@ -3,7 +3,10 @@
 A task returns ``(logits, terms)``; the loss to optimise is ``sum(terms.values())``. Terms are
 already weighted, so a trainer can log each of them and sum them without knowing the method.
 Tasks that hold networks (teachers, adapters) list them in ``modules()`` so the trainer can move
-them to the device. Teachers are frozen (:class:`FrozenTeacher`) and must not be wrapped in DDP.
+them to the device; what a task trains besides the student it lists in ``trainable_modules()``
+(the full protocol is in :mod:`kdprune.training.runner`). Teachers are frozen
+(:class:`FrozenTeacher`) and are never wrapped in DDP. ``kp.train`` logs every term per epoch
+(``train_ce``, ``train_kd``, ...) in ``metrics.jsonl`` and shows them in the progress bar.
 """
 from __future__ import annotations
 
@@ -109,10 +112,10 @@ class HintKDTask:
     """KD (Hinton et al. 2015) plus FitNets hints (Romero et al. 2015): adds "hint": beta*MSE.
 
     ``student_layers[i]`` is matched to ``teacher_layers[i]`` (names for ``get_submodule`` on the
-    plain student / teacher network). ``hint`` holds trainable 1x1 adapters: the trainer must
-    add ``trainable_parameters()`` to its optimiser and, under DDP, keep them in sync (e.g.
-    wrap ``hint`` itself in DDP). Pruning the student changes its channels, so build a new
-    task (new adapters) after each pruning step. Only single (non-ensemble) teachers.
+    plain student / teacher network). ``hint`` holds trainable 1x1 adapters, listed by
+    ``trainable_modules()``: ``kp.train`` optimises them, checkpoints them, and synchronises
+    them under DDP together with the student. Pruning the student changes its channels, so
+    build a new task (new adapters) after each pruning step. Only single (non-ensemble) teachers.
     """
 
     teacher: nn.Module
@@ -159,6 +162,6 @@ class HintKDTask:
         """Teacher (frozen, no DDP) and the hint adapters (trainable)."""
         return [self.teacher, self.hint]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Adapter parameters that must be optimised alongside the student."""
-        return list(self.hint.parameters())
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The hint adapters: trained, checkpointed and DDP-synchronised with the student."""
+        return {"hint": self.hint}

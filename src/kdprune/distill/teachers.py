@@ -55,11 +55,22 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the teacher without building an autograd graph."""
-        # no_grad rather than inference_mode: inference tensors cannot be saved for backward,
-        # and the KD loss does combine teacher outputs with the student's graph.
-        with torch.no_grad():
-            return self.model(*args, **kwargs)
+        """Run the teacher under ``torch.inference_mode`` (no graph, no version counters)."""
+        with torch.inference_mode():
+            out = self.model(*args, **kwargs)
+        # Inference tensors cannot be saved for backward, and the KD loss combines the teacher's
+        # outputs with the student's graph: a clone outside inference mode is a normal tensor.
+        return _as_normal(out)
+
+
+def _as_normal(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.clone() if out.is_inference() else out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_as_normal(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _as_normal(v) for k, v in out.items()}
+    return out
 
 
 def unwrap_teacher(module: nn.Module) -> nn.Module:

@@ -84,6 +84,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     grad_clip: float | None = None
+    # Weight decay on 1-D/0-D parameters too (BN affine, biases, gates, masks). Off by default:
+    # see kdprune.training.params; True gives plain PyTorch's single parameter group.
+    weight_decay_1d: bool = False
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from kdprune.data import as_loader
@@ -20,6 +19,8 @@ from kdprune.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_check
 from kdprune.training.config import TrainConfig
 from kdprune.training.evaluate import evaluate
 from kdprune.training.optim import build_optimizer, build_schedule
+from kdprune.training.params import param_groups
+from kdprune.training.runner import TaskModule, task_eval_models, task_owned_parameters, task_trainable_modules, wrap
 from kdprune.utils.dist import all_reduce_sum, barrier, dist_info, init_distributed
 from kdprune.utils.meta import run_metadata, write_json
 from kdprune.utils.seed import seed_everything
@@ -61,63 +62,106 @@ def check_input_compat(model: nn.Module, data: Any) -> None:
         )
 
 
-def _train_epoch(runner, task, loader, opt, sched, cfg, state, callbacks, device, bar) -> dict[str, float]:
-    """One pass over this rank's shard; returns all-reduced loss/accuracy and throughput."""
+_RESERVED_TERMS = ("loss", "top1", "images_per_s")
+
+
+class _EpochMeter:
+    """Running sums of loss, accuracy and every named loss term; synced only when read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        self.terms: dict[str, torch.Tensor] = {}
+        self.t0 = time.perf_counter()
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict) -> None:
+        n = y.numel()
+        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        for k, v in terms.items():
+            acc = self.terms.setdefault(k, torch.zeros((), dtype=torch.float64, device=self.sums.device))
+            acc += v.detach().double() * n
+
+    def values(self) -> dict[str, float]:
+        """This rank's running means (no all-reduce): for the progress bar."""
+        loss_sum, correct, n = self.sums.tolist()
+        n = max(n, 1.0)
+        out = {"loss": loss_sum / n, "acc": 100 * correct / n}
+        out.update({k: float(v) / n for k, v in self.terms.items()})
+        return out
+
+    def reduce(self) -> dict[str, float]:
+        """All-reduced epoch means, one collective for everything (term keys sorted: same order on every rank)."""
+        elapsed = time.perf_counter() - self.t0
+        keys = sorted(self.terms)
+        flat = torch.cat([self.sums] + [self.terms[k].reshape(1) for k in keys])
+        all_reduce_sum(flat)
+        vals = flat.tolist()
+        loss_sum, correct, n = vals[:3]
+        n = max(n, 1.0)
+        row = {"train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
+               "train_images_per_s": n / elapsed, "epoch_time_s": elapsed}
+        row.update({f"train_{k}": v / n for k, v in zip(keys, vals[3:])})
+        return row
+
+
+def _check_terms(terms: dict, task: Any) -> None:
+    bad = [k for k in terms if k in _RESERVED_TERMS]
+    if bad:
+        raise ValueError(f"{type(task).__name__} returned loss terms named {bad}: "
+                         f"{_RESERVED_TERMS} are reserved for the loop's own metrics")
+
+
+def _step(runner, bundle, opt, sched, cfg, state, callbacks, x, y) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One optimisation step with every hook, in the order documented in callbacks.py."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits, terms = runner(x, y)
+        loss = sum(terms.values())
+    state.x, state.y, state.outputs, state.terms = x, y, logits, terms
+    state.lr = opt.param_groups[0]["lr"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for cb in callbacks:
+        cb.on_after_backward(state)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(bundle.parameters(), cfg.grad_clip)
+    opt.step()
+    state.step += 1
+    for cb in callbacks:
+        cb.on_optimizer_step(state)
+    sched.step()
+    for cb in callbacks:
+        cb.on_step_end(state)
+    return loss, logits, terms
+
+
+def _train_epoch(runner, bundle, loader, opt, sched, cfg, state, callbacks, device, bar) -> dict[str, float]:
+    """One pass over this rank's shard; returns all-reduced loss/accuracy/terms and throughput."""
     runner.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-    t0 = time.perf_counter()
+    meter = _EpochMeter(device)
     for i, (x, y) in enumerate(loader):
         if i >= state.steps_per_epoch:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits, terms = task(runner, x, y)
-            loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_grads(extra_params(task))
-        for cb in callbacks:
-            cb.on_after_backward(state)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(runner.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        state.step += 1
-        for cb in callbacks:
-            cb.on_step_end(state)
-        n = y.numel()
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
-        _progress(bar, i, sums, n, t0, opt)
-    elapsed = time.perf_counter() - t0
-    all_reduce_sum(sums)
-    loss_sum, correct, n = sums.tolist()
-    return {"train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1),
-            "train_images_per_s": n / elapsed, "epoch_time_s": elapsed}
+        loss, logits, terms = _step(runner, bundle, opt, sched, cfg, state, callbacks, x, y)
+        if i == 0:
+            _check_terms(terms, bundle.task)
+        meter.update(loss, logits, y, terms)
+        _progress(bar, i, meter, state.lr)
+    state.x = state.y = state.outputs = None  # do not keep the last batch's graph alive
+    state.terms = {}
+    return meter.reduce()
 
 
-def extra_params(task) -> list[torch.Tensor]:
-    """Trainable parameters a task owns outside the model (not covered by DDP's gradient sync)."""
-    return list(getattr(task, "trainable_parameters", lambda: [])())
-
-
-def _average_grads(params: list[torch.Tensor]) -> None:
-    world = dist_info().world_size
-    for p in params:
-        if world > 1 and p.grad is not None:
-            all_reduce_sum(p.grad).div_(world)
-
-
-def _progress(bar, i: int, sums: torch.Tensor, n: int, t0: float, opt) -> None:
+def _progress(bar, i: int, meter: _EpochMeter, lr: float) -> None:
     bar.update(1)
     if bar.disable or (i % 20 != 0):
-        return  # .item() syncs: only every 20 steps
-    loss_sum, correct, seen = sums.tolist()
-    rate = seen / max(time.perf_counter() - t0, 1e-9)
-    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                    lr=f"{opt.param_groups[0]['lr']:.3g}", img_s=f"{rate:.0f}")
+        return  # .tolist() syncs: only every 20 steps
+    vals = meter.values()
+    rate = meter.sums[2].item() / max(time.perf_counter() - meter.t0, 1e-9)
+    post = {k: f"{v:.3f}" for k, v in vals.items() if k != "acc"}
+    bar.set_postfix(**post, acc=f"{vals['acc']:.1f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
 
 
 def _config_record(cfg: TrainConfig, model: nn.Module, task, extra: dict | None) -> dict[str, Any]:
@@ -128,11 +172,17 @@ def _config_record(cfg: TrainConfig, model: nn.Module, task, extra: dict | None)
             "task": type(task).__name__, "model": spec, **(extra or {}), "meta": run_metadata()}
 
 
-def _restore(ckpt_path: Path, model, opt, sched, callbacks, device) -> tuple[int, int, list]:
-    """Load a checkpoint into model/optimizer/schedule/callbacks; returns (epoch, step, history)."""
+def _restore(ckpt_path: Path, bundle: TaskModule, opt, sched, callbacks, device) -> tuple[int, int, list]:
+    """Load a checkpoint into model, task modules, optimizer, schedule and callbacks; returns
+    (epoch, step, history)."""
     ck = load_checkpoint(ckpt_path, map_location=device)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
+    bundle.model.load_state_dict(ck["model"])
+    bundle.extras.load_state_dict(ck.get("task", {}))
+    try:
+        opt.load_state_dict(ck["optimizer"])
+    except ValueError as e:  # e.g. a checkpoint from before parameter groups, or another task
+        raise RuntimeError(f"checkpoint {ckpt_path} does not match this run's optimizer ({e}); "
+                           "resume with the same model, task and config, or delete it to start over") from e
     sched.load_state_dict(ck["schedule"])
     for i, cb in enumerate(callbacks):
         cb.load_state_dict(ck["callbacks"][i])
@@ -140,23 +190,15 @@ def _restore(ckpt_path: Path, model, opt, sched, callbacks, device) -> tuple[int
     return ck["epoch"], ck["step"], ck["history"]
 
 
-def _write_epoch(out: Path, model, opt, sched, callbacks, state, history) -> None:
+def _write_epoch(out: Path, bundle: TaskModule, opt, sched, callbacks, state, history) -> None:
     with open(out / "metrics.jsonl", "w") as f:  # rewritten whole: a resumed run stays consistent
         f.writelines(json.dumps(row) + "\n" for row in history)
     save_checkpoint(out / CHECKPOINT_NAME, {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+        "model": bundle.model.state_dict(), "task": bundle.extras.state_dict(),
+        "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
         "callbacks": [cb.state_dict() for cb in callbacks], "rng": capture_rng(),
         "epoch": state.epoch, "step": state.step, "history": history,
     })
-
-
-def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, distributed: bool) -> nn.Module:
-    runner = model
-    if distributed:
-        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        runner = torch.compile(runner)
-    return runner
 
 
 def _save_final(out: Path, model: nn.Module) -> None:
@@ -165,6 +207,28 @@ def _save_final(out: Path, model: nn.Module) -> None:
     from kdprune.io import save_pruned
 
     save_pruned(model, out / "model", factory=getattr(model, "kdprune_factory", None))
+
+
+def _build_optimizer(bundle: TaskModule, task: Any, callbacks: Sequence[Callback], cfg: TrainConfig):
+    """Optimizer over the student and the task's modules, minus what a callback/task owns."""
+    owned = task_owned_parameters(task) + [p for cb in callbacks for p in cb.owned_parameters()]
+    groups = param_groups({"": bundle.model, **{f"extras.{k}": m for k, m in bundle.extras.items()}},
+                          owned=owned, decay_1d=cfg.weight_decay_1d)
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad outside the owned ones")
+    return build_optimizer(cfg.optimizer, groups)
+
+
+def _prepare(model: nn.Module, task: Any, cfg: TrainConfig, device: torch.device) -> TaskModule:
+    model = model.to(device)
+    for m in getattr(task, "modules", lambda: [])():
+        m.to(device)
+    for m in task_trainable_modules(task).values():
+        m.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    call = torch.compile(model) if cfg.compile else model
+    return TaskModule(model, task, call)
 
 
 def train(
@@ -181,8 +245,10 @@ def train(
 ) -> TrainResult:
     """Train `model` on `train_data` (any kdprune/torch data set or loader); DDP under torchrun.
 
-    With `out_dir`, writes config/metrics/checkpoints there and, if `save_model`, the final model
-    (a stage inside a compression method passes False: the method saves its own result)."""
+    `task` (default cross-entropy) turns a batch into named loss terms and may train modules of
+    its own (see kdprune.training.runner). With `out_dir`, writes config/metrics/checkpoints there
+    and, if `save_model`, the final model (a stage inside a compression method passes False: the
+    method saves its own result)."""
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
     info = init_distributed(device)
@@ -191,11 +257,7 @@ def train(
     check_input_compat(model, train_data)
     task = task if task is not None else CETask(label_smoothing=cfg.label_smoothing)
     seed_everything(cfg.seed)
-    model = model.to(device)
-    for m in getattr(task, "modules", lambda: [])():
-        m.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    bundle = _prepare(model, task, cfg, device)
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {info.world_size} ranks")
     loader = as_loader(train_data, cfg.batch_size // info.world_size, shuffle=True,
@@ -203,27 +265,34 @@ def train(
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
     if steps == 0:
         raise ValueError(f"no full batch of {cfg.batch_size} in the training data ({len(loader.dataset)} samples)")
-    own = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg.optimizer, own + extra_params(task))  # + e.g. hint adapters
+    opt = _build_optimizer(bundle, task, callbacks, cfg)
     sched = build_schedule(cfg.schedule, opt, steps, cfg.epochs)
     out = Path(out_dir) if out_dir is not None else None
-    state = LoopState(model, opt, 0, 0, steps, cfg.epochs)
+    state = LoopState(bundle.model, opt, 0, 0, steps, cfg.epochs, task=task)
     history: list[dict[str, float]] = []
     if resume:
         if out is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-        state.epoch, state.step, history = _restore(out / CHECKPOINT_NAME, model, opt, sched, callbacks, device)
+        state.epoch, state.step, history = _restore(out / CHECKPOINT_NAME, bundle, opt, sched, callbacks, device)
     elif out is not None and info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", _config_record(cfg, model, task, record))
-    runner = _wrap(model, cfg, device, info.enabled)
+        write_json(out / "config.json", _config_record(cfg, bundle.model, task, record))
+    runner = wrap(bundle, device, info.enabled)
     for cb in callbacks:
         cb.on_train_start(state)
-    return _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state,
+    return _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state,
                        callbacks, device, out, history, info.is_main, save_model)
 
 
-def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, callbacks,
+def _evaluate_all(bundle: TaskModule, val_data: Any, cfg: TrainConfig, device) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for name, m in task_eval_models(bundle.task, bundle.model).items():
+        prefix = f"val_{name}_" if name else "val_"
+        row.update({prefix + k: v for k, v in evaluate(m, val_data, cfg.eval_batch_size, device, cfg.bf16).items()})
+    return row
+
+
+def _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state, callbacks,
                 device, out, history, is_main, save_model) -> TrainResult:
     metrics: dict[str, float] = history[-1] if history else {}
     try:
@@ -232,9 +301,9 @@ def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, c
             bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                        disable=not (is_main and cfg.progress), mininterval=1.0, leave=False)
             with bar:
-                row = _train_epoch(runner, task, loader, opt, sched, cfg, state, callbacks, device, bar)
+                row = _train_epoch(runner, bundle, loader, opt, sched, cfg, state, callbacks, device, bar)
             if val_data is not None and ((state.epoch + 1) % cfg.eval_every == 0 or state.epoch + 1 == cfg.epochs):
-                row.update({f"val_{k}": v for k, v in evaluate(model, val_data, cfg.eval_batch_size, device, cfg.bf16).items()})
+                row.update(_evaluate_all(bundle, val_data, cfg, device))
             row = {"epoch": state.epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"], **row}
             state.epoch += 1
             for cb in callbacks:
@@ -244,18 +313,22 @@ def _run_epochs(runner, model, task, loader, val_data, opt, sched, cfg, state, c
             if is_main:
                 _log_row(row, cfg)
                 if out is not None:
-                    _write_epoch(out, model, opt, sched, callbacks, state, history)
+                    _write_epoch(out, bundle, opt, sched, callbacks, state, history)
             barrier()
     except StopTraining:
         pass
     if save_model and out is not None and is_main:
-        _save_final(out, model)
-    return TrainResult(model=model, history=history, metrics=metrics, out_dir=out)
+        _save_final(out, bundle.model)
+    return TrainResult(model=bundle.model, history=history, metrics=metrics, out_dir=out)
+
+
+_LOG_KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "train_images_per_s", "epoch_time_s")
 
 
 def _log_row(row: dict[str, float], cfg: TrainConfig) -> None:
     if not cfg.progress:
         return
-    keys = ("train_loss", "train_top1", "val_loss", "val_top1", "train_images_per_s", "epoch_time_s")
+    terms = sorted(k for k in row if k.startswith("train_") and k not in _LOG_KEYS)
+    keys = _LOG_KEYS[:2] + tuple(terms) + _LOG_KEYS[2:]
     parts = [f"{k}={row[k]:.4g}" for k in keys if k in row and not math.isnan(row[k])]
     tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}  " + "  ".join(parts))
