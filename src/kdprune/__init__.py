@@ -7,7 +7,14 @@ that `import kdprune` (and the CLI's --help) stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Before torch loads libgomp (it reads the variable once, when it loads): spinning OpenMP
+# threads are 5-50x slower whenever another process holds a core (measured on 2 shared cores),
+# and sleeping ones cost little when idle. A value the user set wins. Importing torch *before*
+# kdprune is too late for this: export OMP_WAIT_POLICY=PASSIVE yourself in that case.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
@@ -31,6 +38,7 @@ _LAZY: dict[str, str] = {
     "compress": "kdprune.methods",
     "CompressResult": "kdprune.methods",
     "Target": "kdprune.engine",
+    "seed_everything": "kdprune.utils.seed",
 }
 _SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "utils")
 

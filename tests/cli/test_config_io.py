@@ -42,5 +42,5 @@ def test_unknown_keys_are_clear(tmp_path):
         build_run_config(_parse(["--config", str(tmp_path / "c.yaml")]))
     with pytest.raises(ValueError, match="unknown type 'rmsprop'"):
         from_dict(TrainConfig, {"optimizer": {"type": "rmsprop"}})
-    with pytest.raises(SystemExit, match="momentum"):
+    with pytest.raises(ValueError, match="momentum"):
         build_run_config(_parse(["--optimizer", "adamw", "--momentum", "0.9"]))

@@ -41,31 +41,41 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-subset", type=int, help="use only N (seeded) validation images")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag (defaults live in the dataclass, not here)."""
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="number of epochs (default 15)")
-    g.add_argument("--batch-size", type=int, help="global batch size, split over torchrun ranks (default 128)")
-    g.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default 512)")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (default sgd)")
-    g.add_argument("--lr", type=float, help="learning rate (sgd default 0.1, adam/adamw 1e-3)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (sgd 5e-4, adamw 1e-2)")
+def add_train_args(p: argparse.ArgumentParser, per_method: bool = False) -> None:
+    """Every TrainConfig field as a flag (defaults live in the dataclass, not here).
+
+    ``per_method``: the flags configure a recipe's fine-tune stage, whose defaults differ per
+    method, so the help names no generic default (the compress help lists the real ones)."""
+    d = TrainConfig()
+
+    def h(text: str, default: object = None) -> str:
+        if per_method:
+            return text + (" (default: the method's, see below)" if default is not None else "")
+        return text + (f" (default {default})" if default is not None else "")
+
+    g = p.add_argument_group("training" + (" (the fine-tune stage; run-wide flags reach every stage)" if per_method else ""))
+    g.add_argument("--epochs", type=int, help=h("number of epochs", d.epochs))
+    g.add_argument("--batch-size", type=int, help=h("global batch size, split over torchrun ranks", d.batch_size))
+    g.add_argument("--eval-batch-size", type=int, help=f"evaluation batch size (default {d.eval_batch_size})")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help=h("optimizer", "sgd"))
+    g.add_argument("--lr", type=float, help=h("learning rate", "sgd 0.1, adam/adamw 1e-3"))
+    g.add_argument("--momentum", type=float, help=h("SGD momentum", 0.9))
+    g.add_argument("--weight-decay", type=float, help=h("weight decay", "sgd 5e-4, adamw 1e-2"))
     g.add_argument("--weight-decay-1d", action="store_const", const=True,
                    help="also decay BN affine, biases and gates (default: conv/linear weights only)")
     g.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle"],
-                   help="LR schedule, stepped per batch (default cosine)")
+                   help=h("LR schedule, stepped per batch", "cosine"))
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up (constant/step/cosine)")
     g.add_argument("--min-lr", type=float, help="final LR of the cosine schedule (default 0)")
     g.add_argument("--max-lr", type=float, help="peak LR of the one-cycle schedule (default: --lr)")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing for cross-entropy (default 0)")
+    g.add_argument("--label-smoothing", type=float, help=h("label smoothing for cross-entropy", 0))
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="turn off the data set's default augmentation")
     g.add_argument("--bf16", action="store_const", const=True, help="bf16 autocast")
     g.add_argument("--channels-last", action="store_const", const=True, help="channels_last memory format")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (smoke runs)")
@@ -93,7 +103,7 @@ def _merge_union(current: Any, name: str | None, values: dict[str, Any], default
     fields = UNION_NAMES[cur["type"]].__dataclass_fields__
     bad = [k for k in cur if k != "type" and k not in fields]
     if bad:
-        raise SystemExit(f"error: option(s) {bad} do not apply to {cur['type']!r}")
+        raise ValueError(f"option(s) {bad} do not apply to {cur['type']!r}")
     return cur
 
 
@@ -116,9 +126,12 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: --model-kwargs expects key=value, got {item!r}")
+            raise ValueError(f"--model-kwargs expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ValueError(f"--model-kwargs {item!r}: cannot read the value {v!r}") from None
     return out
 
 
@@ -127,6 +140,9 @@ def model_dir(path: Path) -> Path:
     for cand in (path, path / "model"):
         if (cand / "structure.json").is_file():
             return cand
+    if (path / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"{path} holds an unfinished run (checkpoint.pt, no model/ yet): finish it "
+                                f"with `kdprune train --out {path} --resume` (same options) first")
     raise FileNotFoundError(f"{path} holds no saved model (structure.json); "
                             f"give a run directory from `kdprune train` or a `save_pruned` folder")
 
@@ -152,3 +168,57 @@ def load_source_data(path: Path, args: argparse.Namespace, seed: int = 0) -> tup
     if args.val_subset:
         val = val.subset(args.val_subset, seed=seed)
     return {"data": name, "data_root": root}, train, val
+
+
+RUN_MARKER = "kdprune-run.json"
+
+
+def run_kind(path: Path) -> str | None:
+    """What kind of kdprune run `path` holds: "train", "compress", "other" (files that are not
+    a kdprune run), or None (missing or empty)."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text()).get("kind", "other")
+    cfg = path / "config.json"  # runs written before the marker existed
+    if (path / "report.json").is_file() or (cfg.is_file() and "recipe" in json.loads(cfg.read_text())):
+        return "compress"
+    if cfg.is_file() and "train_config" in json.loads(cfg.read_text()):
+        return "train"
+    return "other"
+
+
+def _check_not_source(out: Path, source: Path | None) -> None:
+    if source is None:
+        return
+    o, s = out.resolve(), source.resolve()
+    if o == s or o in s.parents:
+        raise ValueError(f"--out {out} would overwrite the --from model {source}; choose another --out")
+
+
+def prepare_out(out: Path, kind: str, resume: bool, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse to write over another run unless asked; mark `out` as a `kind` run (rank 0 only)."""
+    import shutil
+
+    from kdprune.utils.dist import is_main_process
+
+    _check_not_source(out, source)
+    if not is_main_process():
+        return
+    found = run_kind(out)
+    if resume and found not in (None, kind):
+        raise ValueError(f"--out {out} holds a {found} run, not a {kind} run: nothing to --resume there")
+    if found is not None and not resume:
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds a {found} run; pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+        if found == "other":
+            raise ValueError(f"--out {out} holds files that are not a kdprune run; --overwrite only "
+                             f"replaces kdprune runs: remove them yourself or choose another --out")
+        shutil.rmtree(out)
+    from kdprune.utils.meta import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_MARKER).is_file():
+        write_json(out / RUN_MARKER, {"kind": kind})

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         model = kp.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
         in_chans = args.in_chans
     else:
-        raise SystemExit("error: give a model directory or --model NAME (or --list)")
+        raise ValueError("give a saved model or run directory, --model NAME, or --list")
     size = (1, in_chans, args.input_size, args.input_size)
     c = kp.complexity(model, input_size=size)
     if args.layers:

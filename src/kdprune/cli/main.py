@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# Before torch loads libgomp: spinning OpenMP threads are 5-50x slower when another process
-# holds a core (measured here on 2 shared cores); sleeping threads cost little when idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# Importing kdprune (the package, first) sets OMP_WAIT_POLICY=PASSIVE unless the user set it.
 from kdprune.cli import compress_cmd, eval_cmd, info_cmd, train_cmd
 
 COMMANDS = (train_cmd, compress_cmd, eval_cmd, info_cmd)
@@ -32,14 +28,21 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and dispatch; user errors print one line, not a traceback."""
+    """Parse and dispatch; user errors print one line and exit 2, Ctrl-C exits 130, no traceback."""
+    from kdprune.training.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, CheckpointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kdprune {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; the last checkpoint in {out} is kept: add --resume to continue" if out else ""
+        print(f"kdprune {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

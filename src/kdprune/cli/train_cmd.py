@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config, parse_kv
+from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config, parse_kv, prepare_out
 from kdprune.training.config_io import to_tagged_dict
 
 
@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
                    help="extra model arguments, e.g. shortcut=B")
     add_data_args(p)
     add_train_args(p)
-    p.add_argument("--out", required=True, help="run directory (created)")
+    p.add_argument("--out", required=True, help="run directory (new or empty, or the same run with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the kdprune run already in --out")
     p.set_defaults(func=run)
 
 
@@ -44,9 +45,13 @@ def run(args: argparse.Namespace) -> int:
     import kdprune as kp
     from kdprune.utils.dist import is_main_process
 
+    from kdprune.utils.seed import seed_everything
+
     args.model_kwargs = parse_kv(args.model_kwargs)
     cfg = build_run_config(args)
     train, val = load_run_data(cfg)
+    prepare_out(Path(args.out), "train", args.resume, args.overwrite)
+    seed_everything(cfg.train.seed)  # before the model draws its init: --seed alone fixes the run
     model = kp.create_model(cfg.model, num_classes=train.num_classes, in_chans=train.in_chans, **cfg.model_kwargs)
     res = kp.train(model, train, val, cfg.train, out_dir=Path(args.out), resume=args.resume,
                    record={"run": to_tagged_dict(cfg)})

@@ -57,8 +57,8 @@ class CompressContext:
         d = self.stage_dir(name)
         return self.resume and d is not None and (d / "checkpoint.pt").is_file()
 
-    def with_progress(self, cfg: TrainConfig) -> TrainConfig:
-        """The stage's TrainConfig with this run's progress setting."""
+    def with_progress(self, cfg: TrainConfig, label: str = "") -> TrainConfig:
+        """The stage's TrainConfig with this run's progress setting and the stage's name for logs."""
         from dataclasses import replace
 
-        return replace(cfg, progress=self.progress and cfg.progress)
+        return replace(cfg, progress=self.progress and cfg.progress, label=label or cfg.label)

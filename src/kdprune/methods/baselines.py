@@ -53,7 +53,7 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:
-    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune), task=task,
+    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "finetune"), task=task,
                 out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"), save_model=False)
     return res.history
 
@@ -87,7 +87,7 @@ class GroupLasso(Callback):
 @run_recipe.register
 def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
     groups = channel_groups(model, ctx.example_input)
-    sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse),
+    sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse, "sparse"),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
                    callbacks=[GroupLasso(groups, recipe.reg)], save_model=False)
     info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, "l2")}

@@ -282,7 +282,7 @@ def _round(recipe: KESI, model: nn.Module, ctx: CompressContext, r: int, goal: f
         info: dict[str, Any] = {"round": r, "prune": prune_round(recipe, model, ctx.example_input, goal, dense)}
     except ValueError as e:
         raise ValueError(f"KESI round {r}: {e}") from None
-    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.retrain_config()),
+    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.retrain_config(), f"round {r}/{recipe.rounds}"),
                 out_dir=ctx.stage_dir(name), resume=ctx.resumable(name), save_model=False)
     info["retrain"] = res.history
     info["snapshot_top1"] = res.history[-1].get("val_top1") if res.history else None
@@ -345,7 +345,7 @@ def _distill(recipe: KESI, student: nn.Module, task: KDTask, ctx: CompressContex
     """Distil the frozen snapshot ensemble into the student (Le et al. 2020), resumable."""
     cfg = recipe.distill_config()
     assert cfg is not None
-    res = train(student, ctx.train, ctx.val, ctx.with_progress(cfg), task=task,
+    res = train(student, ctx.train, ctx.val, ctx.with_progress(cfg, "distill"), task=task,
                 out_dir=ctx.stage_dir("distill"), resume=ctx.resumable("distill"), save_model=False)
     return res.history
 

@@ -412,7 +412,7 @@ def _finish(model: nn.Module, masks: MaskSet, cb: GateSchedule, x: torch.Tensor)
 def _(recipe: SDAP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
     masks, cb = prepare(model, recipe, ctx.example_input)
     task = sdap_task(recipe, ctx)
-    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune), task=task,
+    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "sdap"), task=task,
                 out_dir=ctx.stage_dir("sdap"), resume=ctx.resumable("sdap"), callbacks=[cb],
                 record={"method": "sdap"}, save_model=False)
     info = _finish(model, masks, cb, ctx.example_input)

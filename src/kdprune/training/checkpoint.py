@@ -14,6 +14,10 @@ from kdprune.utils.meta import atomic_write_bytes
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run being resumed."""
+
+
 def capture_rng() -> dict[str, Any]:
     """Every RNG state a step may touch, as tensors/ints so weights_only loading accepts it."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -55,4 +59,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt or foreign file: say which and what to do
-        raise RuntimeError(f"cannot read checkpoint {path} ({e}); delete it to start over") from e
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "delete it to start over") from None

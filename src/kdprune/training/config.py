@@ -96,6 +96,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs and demos
     eval_every: int = 1
     progress: bool = True
+    label: str = ""  # names the stage in progress bars and epoch lines (e.g. "kesi round 2/5")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

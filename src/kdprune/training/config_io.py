@@ -42,22 +42,70 @@ def to_tagged_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    """`value` checked against a scalar field type (YAML gives "no" and 12.5 as they are)."""
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[tp]
+    if not ok:
+        raise ValueError(f"{where}: expected {_SCALARS[tp]}, got {value!r}")
+    return float(value) if tp is float else value
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
+            if type(None) not in typing.get_args(tp):
+                raise ValueError(f"{where}: may not be empty (null)")
             return None
         if all(dataclasses.is_dataclass(m) for m in members):
             return _from_tagged(value, where)
         return _coerce(members[0], value, where) if len(members) == 1 else value
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and not dataclasses.is_dataclass(value):
+            raise ValueError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, where) if isinstance(value, dict) else value
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if tp is float and isinstance(value, int):
-        return float(value)
+    if origin is tuple:
+        return _tuple(tp, value, where)
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping, got {value!r}")
+    if tp in _SCALARS:
+        return _scalar(tp, value, where)
     return value
+
+
+def _tuple(tp: Any, value: Any, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: expected a list, got {value!r}")
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if args and len(args) != len(value):
+        raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))) if args else tuple(value)
+
+
+def merge_tagged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Field-by-field merge of a partial config over a full tagged dict (a recipe's own defaults).
+
+    Nested configs merge recursively; a union value naming another ``type`` replaces the default
+    wholly (its fields then default to that type's own)."""
+    out = dict(base)
+    for k, v in override.items():
+        cur = out.get(k)
+        if isinstance(v, str) and isinstance(cur, dict) and "type" in cur:
+            v = {"type": v}  # `schedule: cosine` is a union value by name
+        if isinstance(v, dict) and isinstance(cur, dict) and v.get("type", cur.get("type")) == cur.get("type"):
+            out[k] = merge_tagged(cur, v)
+        else:
+            out[k] = v
+    return out
 
 
 def _from_tagged(value: Any, where: str) -> Any:
@@ -90,8 +138,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:  # one line: where and what, not a traceback
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return data

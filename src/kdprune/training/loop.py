@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from kdprune.data import as_loader
 from kdprune.distill.tasks import CETask
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
-from kdprune.training.checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from kdprune.training.checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kdprune.training.config import TrainConfig
 from kdprune.training.evaluate import evaluate
 from kdprune.training.optim import build_optimizer, build_schedule
@@ -176,12 +176,16 @@ def _restore(ckpt_path: Path, bundle: TaskModule, opt, sched, callbacks, device)
     """Load a checkpoint into model, task modules, optimizer, schedule and callbacks; returns
     (epoch, step, history)."""
     ck = load_checkpoint(ckpt_path, map_location=device)
-    bundle.model.load_state_dict(ck["model"])
-    bundle.extras.load_state_dict(ck.get("task", {}))
+    try:
+        bundle.model.load_state_dict(ck["model"])
+        bundle.extras.load_state_dict(ck.get("task", {}))
+    except (RuntimeError, KeyError) as e:  # another model or task: say so in one line
+        raise CheckpointError(f"checkpoint {ckpt_path} does not fit this model/task "
+                              f"({str(e).splitlines()[0][:200]}); resume with the same options") from None
     try:
         opt.load_state_dict(ck["optimizer"])
     except ValueError as e:  # e.g. a checkpoint from before parameter groups, or another task
-        raise RuntimeError(f"checkpoint {ckpt_path} does not match this run's optimizer ({e}); "
+        raise CheckpointError(f"checkpoint {ckpt_path} does not match this run's optimizer ({e}); "
                            "resume with the same model, task and config, or delete it to start over") from e
     sched.load_state_dict(ck["schedule"])
     for i, cb in enumerate(callbacks):
@@ -298,7 +302,7 @@ def _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state, callba
     try:
         while state.epoch < cfg.epochs:
             loader.set_epoch(state.epoch)
-            bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=state.steps_per_epoch, desc=f"{_prefix(cfg)}epoch {state.epoch + 1}/{cfg.epochs}",
                        disable=not (is_main and cfg.progress), mininterval=1.0, leave=False)
             with bar:
                 row = _train_epoch(runner, bundle, loader, opt, sched, cfg, state, callbacks, device, bar)
@@ -322,6 +326,10 @@ def _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state, callba
     return TrainResult(model=bundle.model, history=history, metrics=metrics, out_dir=out)
 
 
+def _prefix(cfg: TrainConfig) -> str:
+    return f"{cfg.label}: " if cfg.label else ""
+
+
 _LOG_KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "train_images_per_s", "epoch_time_s")
 
 
@@ -331,4 +339,4 @@ def _log_row(row: dict[str, float], cfg: TrainConfig) -> None:
     terms = sorted(k for k in row if k.startswith("train_") and k not in _LOG_KEYS)
     keys = _LOG_KEYS[:2] + tuple(terms) + _LOG_KEYS[2:]
     parts = [f"{k}={row[k]:.4g}" for k in keys if k in row and not math.isnan(row[k])]
-    tqdm.write(f"epoch {row['epoch']}/{cfg.epochs}  " + "  ".join(parts))
+    tqdm.write(f"{_prefix(cfg)}epoch {row['epoch']}/{cfg.epochs}  " + "  ".join(parts))

@@ -42,6 +42,12 @@ def run_metadata() -> dict[str, Any]:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file atomically: temp file in the same directory, fsync, rename."""
     path = Path(path)
@@ -51,6 +57,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: give what open() would
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
