@@ -235,6 +235,18 @@ def _prepare(model: nn.Module, task: Any, cfg: TrainConfig, device: torch.device
     return TaskModule(model, task, call)
 
 
+def _train_loader(train_data: Any, cfg: TrainConfig, world_size: int) -> tuple[Any, int]:
+    """This rank's shuffled, augmented loader and the steps per epoch."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} ranks")
+    loader = as_loader(train_data, cfg.batch_size // world_size, shuffle=True,
+                       augment=cfg.augment, drop_last=True, seed=cfg.seed)
+    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    if steps == 0:
+        raise ValueError(f"no full batch of {cfg.batch_size} in the training data ({len(loader.dataset)} samples)")
+    return loader, steps
+
+
 def train(
     model: nn.Module,
     train_data: Any,
@@ -262,13 +274,7 @@ def train(
     task = task if task is not None else CETask(label_smoothing=cfg.label_smoothing)
     seed_everything(cfg.seed)
     bundle = _prepare(model, task, cfg, device)
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {info.world_size} ranks")
-    loader = as_loader(train_data, cfg.batch_size // info.world_size, shuffle=True,
-                       augment=cfg.augment, drop_last=True, seed=cfg.seed)
-    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
-    if steps == 0:
-        raise ValueError(f"no full batch of {cfg.batch_size} in the training data ({len(loader.dataset)} samples)")
+    loader, steps = _train_loader(train_data, cfg, info.world_size)
     opt = _build_optimizer(bundle, task, callbacks, cfg)
     sched = build_schedule(cfg.schedule, opt, steps, cfg.epochs)
     out = Path(out_dir) if out_dir is not None else None
