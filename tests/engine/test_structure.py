@@ -118,3 +118,11 @@ def test_input_shape_recorded_per_edit_when_it_changes():
     assert m.kdprune_structure.edits[1]["input_shape"] == [1, 3, 8, 8]
     fresh = replay(MiniRes("B"), m.kdprune_structure)
     assert fresh.layer2[0].conv1.out_channels == 15
+
+
+def test_identity_block_refuses_a_shape_changing_block():
+    models = pytest.importorskip("kdprune.models")
+    m = models.create_model("resnet20", shortcut="B")
+    with pytest.raises(ValueError, match="layer2.0.*only a block whose output has its input's shape"):
+        apply_edit(m, {"op": "identity_block", "module": "layer2.0"}, X[:1])  # the downsampling block
+    assert not isinstance(m.layer2[0], nn.Identity) and get_structure(m) is None  # untouched, not recorded

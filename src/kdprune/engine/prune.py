@@ -117,3 +117,8 @@ class PruneChannels:
     def apply(model: nn.Module, edit: dict[str, Any], example_input: torch.Tensor | None) -> None:
         """Apply one prune_channels edit (builds its own DepGraph)."""
         apply_channel_edits(model, [edit], example_input)
+
+    @staticmethod
+    def apply_many(model: nn.Module, edits: Sequence[dict[str, Any]], example_input: torch.Tensor | None) -> None:
+        """Apply consecutive prune_channels edits on one DepGraph (replay)."""
+        apply_channel_edits(model, edits, example_input)

@@ -11,7 +11,9 @@ Each edit is a plain dict with an ``"op"`` key handled by an op registered in ``
     {"op": "replace_module", ...}                           # registered by later methods
 
 An op is any object with ``apply(model, edit, example_input) -> None`` (a class with a static
-method, or a module). Methods add their own ops with ``@register_edit("name")``.
+method, or a module), optionally ``apply_many(model, edits, example_input)`` for a run of its
+edits at once (replay uses it). Ops register themselves with ``@register_edit("name")``; this
+module imports none of them, so the op modules may import it (no import cycle).
 """
 from __future__ import annotations
 
@@ -143,23 +145,31 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _batch_end(edits: list[dict[str, Any]], i: int) -> int:
+    """End of the run of edits from ``i`` that one ``apply_many`` call can take (same op, same
+    traced input shape); ``i + 1`` when the op has no ``apply_many``."""
+    op = EDIT_OPS.get(edits[i]["op"])
+    j = i + 1
+    if hasattr(op, "apply_many"):
+        while j < len(edits) and edits[j]["op"] == edits[i]["op"] \
+                and edits[j].get("input_shape") == edits[i].get("input_shape"):
+            j += 1
+    return j
+
+
 def replay(model: nn.Module, log: StructureLog) -> nn.Module:
     """Re-apply every edit of ``log`` to a freshly built base model, in order; attaches a copy of
-    the log to the model and returns it. Consecutive prune_channels edits share one DepGraph."""
-    from kdprune.engine.prune import apply_channel_edits  # local: prune imports this module
-
+    the log to the model and returns it. Consecutive edits of an op with ``apply_many`` (e.g.
+    prune_channels: one DepGraph for all of them) go in one call."""
     edits, i = log.edits, 0
     while i < len(edits):
-        j = i
-        if edits[i]["op"] == "prune_channels":
-            while j < len(edits) and edits[j]["op"] == "prune_channels" \
-                    and edits[j].get("input_shape") == edits[i].get("input_shape"):
-                j += 1
-            apply_channel_edits(model, edits[i:j], log.example_input(edits[i], _device(model)))
-            i = j
-            continue
-        EDIT_OPS.get(edits[i]["op"]).apply(model, edits[i], log.example_input(edits[i], _device(model)))
-        i += 1
+        j = _batch_end(edits, i)
+        op, x = EDIT_OPS.get(edits[i]["op"]), log.example_input(edits[i], _device(model))
+        if j > i + 1:
+            op.apply_many(model, edits[i:j], x)
+        else:
+            op.apply(model, edits[i], x)
+        i = j
     object.__setattr__(model, STRUCTURE_ATTR, StructureLog.from_dict(log.to_dict()))
     return model
 
@@ -180,8 +190,39 @@ class IdentityBlock:
 
     @staticmethod
     def apply(model: nn.Module, edit: dict[str, Any], example_input: torch.Tensor | None) -> None:
-        """Swap ``edit["module"]`` for ``nn.Identity()``."""
+        """Swap ``edit["module"]`` for ``nn.Identity()``; with an example input, refuse a block
+        whose output shape differs from its input's (identity cannot stand in for it)."""
         name = edit.get("module")
         if not isinstance(name, str) or not name:
             raise ValueError(f"identity_block edit needs a 'module' name, got {edit!r}")
+        if example_input is not None:
+            _check_shape_preserving(model, name, example_input)
         _set_submodule(model, name, nn.Identity())
+
+
+def _check_shape_preserving(model: nn.Module, name: str, example_input: torch.Tensor) -> None:
+    try:
+        block = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"module {name!r} not found in {type(model).__name__}") from None
+    seen: list[tuple[tuple, tuple]] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            seen.append((tuple(args[0].shape), tuple(out.shape)))
+
+    handle = block.register_forward_hook(hook)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError(f"identity_block: {name!r} did not run on the example input")
+    bad = [(i, o) for i, o in seen if i != o]
+    if bad:
+        raise ValueError(f"identity_block: {name!r} maps {list(bad[0][0])} to {list(bad[0][1])}; only a "
+                         "block whose output has its input's shape can be replaced by identity")
