@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kdprune.registry import Registry
+from kdprune.utils.forward import probe_forward
 
 __all__ = [
     "FORMAT_VERSION", "STRUCTURE_ATTR", "EditOp", "EDIT_OPS", "register_edit", "StructureLog",
@@ -202,7 +203,7 @@ class IdentityBlock:
 
 def _check_shape_preserving(model: nn.Module, name: str, example_input: torch.Tensor) -> None:
     try:
-        block = model.get_submodule(name)
+        model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"module {name!r} not found in {type(model).__name__}") from None
     seen: list[tuple[tuple, tuple]] = []
@@ -211,15 +212,7 @@ def _check_shape_preserving(model: nn.Module, name: str, example_input: torch.Te
         if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             seen.append((tuple(args[0].shape), tuple(out.shape)))
 
-    handle = block.register_forward_hook(hook)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        handle.remove()
-        model.train(was_training)
+    probe_forward(model, example_input, {name: hook})
     if not seen:
         raise ValueError(f"identity_block: {name!r} did not run on the example input")
     bad = [(i, o) for i, o in seen if i != o]

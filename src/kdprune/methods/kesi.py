@@ -35,6 +35,7 @@ from kdprune.methods.registry import run_recipe
 from kdprune.metrics import Complexity, complexity
 from kdprune.training import SGD, Adam, Constant, OneCycle, TrainConfig, evaluate, resolve_device, train
 from kdprune.utils.dist import barrier, is_main_process
+from kdprune.utils.forward import probe_forward
 from kdprune.utils.meta import write_json
 
 __all__ = ["KESI", "KESIPFEC", "default_retrain", "default_pfec_retrain", "default_distill",
@@ -173,16 +174,7 @@ def stage_index(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup
                 area[name] = int(out.shape[-1] * out.shape[-2]) if out.dim() == 4 else None
         return fn
 
-    handles = [model.get_submodule(g.root).register_forward_hook(hook(g.root)) for g in groups]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_forward(model, x, {g.root: hook(g.root) for g in groups})
     sizes = sorted({a for a in area.values() if a is not None}, reverse=True)
     rank = {a: i for i, a in enumerate(sizes)}
     return {g.root: rank.get(area.get(g.root), len(sizes)) for g in groups}
