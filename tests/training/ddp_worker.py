@@ -1,7 +1,8 @@
 """Run by test_ddp under torchrun: trains on 2 gloo ranks, saves each rank's weights.
 
 Modes: ``ce`` trains TinyNet with cross-entropy; ``mutual`` trains PlainNet with a peer network
-(a two-model task, MutualTask) on unaugmented data, to compare with one process."""
+(a two-model task, MutualTask) and ``kd`` distils a frozen PlainNet teacher into a PlainNet, both
+on unaugmented data, to compare with one process."""
 import sys
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def mutual_setup(seed: int) -> tuple:
     return student, MutualTask(peer), cfg
 
 
+def kd_setup(seed: int) -> tuple:
+    """Student, KD task (frozen teacher, same on every rank) and config of the distillation run."""
+    from kdprune.distill import KDTask
+
+    torch.manual_seed(11)
+    teacher = PlainNet(width=8)
+    torch.manual_seed(seed)
+    cfg = TrainConfig(epochs=2, batch_size=16, optimizer=SGD(lr=0.1), augment=False, progress=False, seed=3)
+    return PlainNet(), KDTask(teacher, temperature=2.0, alpha=0.5), cfg
+
+
 def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = dist_info().rank
@@ -34,6 +46,10 @@ def main(out: Path, mode: str) -> None:
         student, task, cfg = mutual_setup(seed=7 if rank == 0 else 100 + rank)
         res = train(student, train_set, val_set, cfg, task=task, out_dir=out / "run")
         weights = {**res.model.state_dict(), **{f"peer.{k}": v for k, v in task.peer.state_dict().items()}}
+    elif mode == "kd":
+        student, task, cfg = kd_setup(seed=7 if rank == 0 else 100 + rank)
+        res = train(student, train_set, val_set, cfg, task=task, out_dir=out / "run")
+        weights = res.model.state_dict()
     else:
         torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
         cfg = TrainConfig(epochs=2, batch_size=16, optimizer=SGD(lr=0.05), progress=False, seed=3)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from kdprune.training import train
 
 from ..conftest import make_images
-from .ddp_worker import mutual_setup
+from .ddp_worker import kd_setup, mutual_setup
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -56,3 +56,15 @@ def test_two_model_task_under_ddp_equals_one_process(tmp_path):
         torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-5, msg=k)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_ce", "train_peer_ce", "train_mutual", "val_top1", "val_peer_top1"} <= set(row)
+
+
+@pytest.mark.dist
+def test_distillation_under_ddp_equals_one_process(tmp_path):
+    w0, w1 = _torchrun(tmp_path, "kd")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    student, task, cfg = kd_setup(seed=7)
+    res = train(student, make_images(64, seed=0), make_images(20, seed=1), cfg, task=task)
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_ce"] > 0 and row["train_kd"] > 0
