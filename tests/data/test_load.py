@@ -100,3 +100,24 @@ def test_real_fashion_mnist():
     assert (tr.in_chans, tr.image_size, tr.num_classes) == (1, (28, 28), 10)
     assert abs(tr.mean[0] - 0.2860) < 1e-3 and abs(tr.std[0] - 0.3530) < 1e-3
     assert torch.bincount(tr.labels).tolist() == [6000] * 10
+
+
+def test_validation_split_is_carved_from_train_stratified_and_seeded(tmp_path):
+    from kdprune.data import load_splits
+
+    root = make_idx_set(tmp_path / "fm", n_train=40, n_test=6)  # 4 images per class
+    s = load_splits("fashion-mnist", val=10, seed=3, root=root)
+    full, test = load("fashion-mnist", root=root)
+    assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 6)
+    assert torch.equal(s.test.images, test.images)  # the test set is untouched
+    assert torch.bincount(s.val.labels, minlength=10).tolist() == [1] * 10  # one per class
+    rows = lambda d: {bytes(x.numpy().tobytes()) for x in d.images}  # noqa: E731
+    assert rows(s.train) | rows(s.val) == rows(full) and not rows(s.train) & rows(s.val)  # a partition
+    assert s.val.mean == full.mean and s.val.std == full.std  # same normalisation as training
+    again = load_splits("fashion-mnist", val=10, seed=3, root=root)
+    assert torch.equal(again.val.images, s.val.images)  # deterministic
+    assert not torch.equal(load_splits("fashion-mnist", val=10, seed=4, root=root).val.images, s.val.images)
+    tr, va = full.split(7)  # 7 of 10 classes get one row: largest remainders, exactly n
+    assert len(va) == 7 and len(tr) == 33
+    with pytest.raises(ValueError, match="outside"):
+        full.split(40)

@@ -1,5 +1,5 @@
 """Data layer: IDX / CIFAR / ImageFolder readers, in-memory ImageDataset, deterministic loaders."""
-from .catalog import DATASETS, list_datasets, load
+from .catalog import DATASETS, Splits, list_datasets, load, load_splits
 from .datasets import ImageDataset
 from .errors import DatasetError
 from .idx import read_idx
@@ -17,5 +17,7 @@ __all__ = [
     "as_loader",
     "list_datasets",
     "load",
+    "load_splits",
     "read_idx",
+    "Splits",
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -168,6 +168,22 @@ def load(name: str, root: str | Path | None = None, **kw) -> tuple[ImageDataset,
     """(train, val) ImageDatasets for a registered data set name; see list_datasets()."""
     key = name.strip().lower()
     return DATASETS.get(_ALIASES.get(key, key))(root=root, **kw)
+
+
+class Splits(NamedTuple):
+    """Train (minus the held-out rows), validation (carved from train) and test sets."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+
+
+def load_splits(name: str, val: int = 5000, seed: int = 0, root: str | Path | None = None, **kw) -> Splits:
+    """Train/validation/test: ``val`` training images held out (stratified, seeded) for every
+    choice a run makes; the set's own test split is only for reporting."""
+    train, test = load(name, root=root, **kw)
+    rest, held = train.split(val, seed=seed)
+    return Splits(rest, held, test)
 
 
 def list_datasets() -> list[str]:

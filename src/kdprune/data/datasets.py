@@ -92,6 +92,27 @@ class ImageDataset(Dataset):
         x = self.images if indices is None else self.images[indices]
         return normalize(x, self.mean, self.std)
 
+    def split(self, n_val: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """(rest, held out): ``n_val`` rows drawn per class in proportion to its share, with
+        ``seed``; both keep this set's normalisation and order. Carve the validation split for
+        every choice (defaults, best checkpoint, best replica) from the training set this way,
+        so that the test set is only ever reported."""
+        if not 0 < n_val < len(self):
+            raise ValueError(f"validation split of {n_val} outside (0, {len(self)})")
+        g = torch.Generator().manual_seed(seed)
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).double()
+        share = counts * n_val / len(self)
+        take = share.floor().long()
+        rest = (share - take).argsort(descending=True)[: n_val - int(take.sum())]
+        take[rest] += 1  # largest remainders: exactly n_val rows in all
+        held = []
+        for c in range(len(self.classes)):
+            rows = (self.labels == c).nonzero().flatten()
+            held.append(rows[torch.randperm(len(rows), generator=g)[: int(take[c])]])
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[torch.cat(held)] = True
+        return self.subset(torch.nonzero(~mask).flatten()), self.subset(torch.nonzero(mask).flatten())
+
     def subset(self, indices_or_n: int | Sequence[int] | torch.Tensor, seed: int = 0) -> ImageDataset:
         """A data set of the given rows, or of n rows drawn without replacement with `seed`."""
         if isinstance(indices_or_n, int):
