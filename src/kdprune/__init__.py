@@ -39,6 +39,8 @@ _LAZY: dict[str, str] = {
     "CompressResult": "kdprune.methods",
     "Target": "kdprune.engine",
     "seed_everything": "kdprune.utils.seed",
+    "pretrained": "kdprune.models.pretrained",
+    "list_pretrained": "kdprune.models.pretrained",
 }
 _SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "utils")
 

@@ -135,6 +135,14 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def source_path(text: str) -> Path:
+    """The folder a --from / PATH argument names: ``pretrained:NAME`` is a shipped base (its
+    weights checked against the manifest's sha256), anything else a path."""
+    from kdprune.models.pretrained import PREFIX, pretrained_dir
+
+    return pretrained_dir(text) if str(text).startswith(PREFIX) else Path(text)
+
+
 def model_dir(path: Path) -> Path:
     """The saved-model folder inside a run directory (or `path` itself)."""
     for cand in (path, path / "model"):
@@ -148,7 +156,14 @@ def model_dir(path: Path) -> Path:
 
 
 def run_data_name(path: Path) -> tuple[str | None, str | None]:
-    """The data set (name, root) recorded in a run directory's config.json, if any."""
+    """The data set (name, root) recorded in a run directory's config.json or a shipped base's
+    manifest, if any."""
+    from kdprune.models.pretrained import BASES
+
+    if path.parent == BASES:
+        from kdprune.models.pretrained import pretrained_info
+
+        return pretrained_info(path.name)["data"], None
     cfg = path / "config.json"
     if not cfg.is_file():
         return None, None

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                                    "metrics.jsonl, checkpoint.pt) into --out; --resume continues.",
                        epilog=defaults_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(methods()), help="recipe (default l1)")
-    p.add_argument("--from", dest="source", required=True, help="run directory or saved model folder")
+    p.add_argument("--from", dest="source", required=True, help="run directory, saved model folder, or pretrained:NAME (a shipped base: `kdprune info --list`)")
     p.add_argument("--config", help="YAML: {method: NAME, recipe: {fields of the recipe}}; merged field by "
                                     "field over the method's own defaults")
     add_recipe_args(p)
@@ -61,13 +61,13 @@ def build_recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Load the model and data, compress, print the table."""
     import kdprune as kp
-    from kdprune.cli.common import load_source_data, model_dir
+    from kdprune.cli.common import load_source_data, model_dir, source_path
     from kdprune.utils.dist import is_main_process
     from kdprune.utils.meta import write_json
 
     recipe = build_recipe(args)
     recipe.target()  # validate before any loading
-    src, out = Path(args.source), Path(args.out)
+    src, out = source_path(args.source), Path(args.out)
     model = kp.load_pruned(model_dir(src))
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)
     data, train, val = load_source_data(src, args, seed=recipe.finetune.seed)

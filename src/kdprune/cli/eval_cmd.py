@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from kdprune.cli.common import add_data_args, load_source_data, model_dir
+from kdprune.cli.common import add_data_args, load_source_data, model_dir, source_path
 
 
 def add_parser(sub) -> None:
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print."""
     import kdprune as kp
 
-    path = Path(args.path)
+    path = source_path(args.path)
     model = kp.load_pruned(model_dir(path))
     data, _, val = load_source_data(path, args)
     report = {"model": str(path), "data": data["data"], **kp.evaluate(model, val, batch_size=args.batch_size)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -22,15 +21,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
     import kdprune as kp
-    from kdprune.cli.common import model_dir
+    from kdprune.cli.common import model_dir, source_path
     from kdprune.metrics import format_table, layer_table
 
     if args.list:
         print("models:   " + ", ".join(kp.list_models()))
         print("datasets: " + ", ".join(kp.data.list_datasets()))
+        print("shipped bases (--from pretrained:NAME): " + ", ".join(kp.list_pretrained()))
         return 0
     if args.path:
-        model = kp.load_pruned(model_dir(Path(args.path)))
+        model = kp.load_pruned(model_dir(source_path(args.path)))
         in_chans = getattr(model, "in_chans", args.in_chans)
     elif args.model:
         model = kp.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
