@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kdprune.cli.compress_cmd import build_recipe
 from kdprune.cli.main import build_parser, main

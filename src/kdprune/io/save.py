@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from kdprune.engine.masks import MASKS_ATTR
-from kdprune.engine.structure import FORMAT_VERSION, STRUCTURE_ATTR, StructureLog, get_structure, replay
+from kdprune.engine.structure import FORMAT_VERSION, StructureLog, get_structure, replay
 from kdprune.utils.meta import atomic_write_bytes, write_json
 
 __all__ = ["save_pruned", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name"]
