@@ -61,3 +61,10 @@ def test_compress_then_eval(tmp_path, capsys):
     assert main(["compress", "--method", "l1", "--from", str(base), "--reg", "0.1", "--target-flops", "0.5",
                  "--out", str(out)]) == 2
     assert "--reg does not apply" in capsys.readouterr().err
+
+
+def test_info_groups_reports_coverage(capsys):
+    assert main(["info", "--model", "resnet20", "--groups"]) == 0
+    text = capsys.readouterr().out
+    assert "coupled to channel barrier layer2.0.shortcut" in text and "classifier output" in text
+    assert "9 of 20 conv/linear layers can be narrowed" in text  # option A: the inner convs only

@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--input-size", type=int, default=28, help="input height = width (default 28)")
     p.add_argument("--list", action="store_true", help="list zoo models and data sets")
     p.add_argument("--layers", action="store_true", help="print the per-layer table")
+    p.add_argument("--groups", action="store_true",
+                   help="which convs/linears pruning can narrow, and why the others stay whole")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,24 @@ def run(args: argparse.Namespace) -> int:
     if args.layers:
         cols = ["name", "type", "in", "out", "kernel", "groups", "params", "macs"]
         print(format_table(layer_table(model, input_size=size), cols))
+    if args.groups:
+        _print_groups(model, size)
     name = getattr(model, "kdprune_spec", {}).get("name", type(model).__name__)
     print(f"{name}: params {c.params:,}  MACs {c.macs:,}  FLOPs {c.flops:,}  at input {size}")
     return 0
+
+
+def _print_groups(model, size: tuple[int, ...]) -> None:
+    """The engine's coverage report (kp.engine.describe) as a table plus a one-line summary."""
+    import torch
+
+    from kdprune.engine import describe
+    from kdprune.metrics import format_table
+
+    rows = describe(model, torch.zeros(*size))
+    table = [{"name": r.name, "type": r.type, "out": r.out_channels, "prunable": "yes" if r.prunable else "no",
+              "group": r.group or "-", "reason": r.reason} for r in rows]
+    print(format_table(table, ["name", "type", "out", "prunable", "group", "reason"]))
+    n = sum(r.prunable for r in rows)
+    print(f"{n} of {len(rows)} conv/linear layers can be narrowed (output channels); "
+          f"{len({r.group for r in rows if r.prunable})} prunable channel groups")

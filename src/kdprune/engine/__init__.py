@@ -11,6 +11,7 @@ from kdprune.engine.graph import (
     find_barriers,
     tp_group,
 )
+from kdprune.engine.describe import LayerCoverage, describe
 from kdprune.engine.importance import IMPORTANCE, importance_scores
 from kdprune.engine.masks import MaskSet, attach_masks, fold_gates_into_bn, masks_to_plan, zero_channels
 from kdprune.engine.prune import MaskedModelError, apply_channel_edits, apply_plan, prune_channels_edit
@@ -31,7 +32,7 @@ __all__ = [
     "MODES", "PruningPlan", "plan_pruning", "round_width",
     "BARRIER_ATTR", "ChannelGroup", "Member", "build_graph", "channel_groups", "classifier_layers",
     "find_barriers", "tp_group",
-    "IMPORTANCE", "importance_scores",
+    "IMPORTANCE", "importance_scores", "LayerCoverage", "describe",
     "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",

@@ -1,0 +1,84 @@
+"""Coverage before a long run: which convs/linears a pruning plan can narrow, and why the others
+stay whole (classifier output, an ignored layer, a channel barrier, a grouped conv, not traced)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kdprune.engine.graph import Member, _members, build_graph, classifier_layers, resolve_layers
+
+__all__ = ["LayerCoverage", "describe"]
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerCoverage:
+    """One conv/linear: may its output channels be pruned (``prunable``), in which group, else why not."""
+
+    name: str
+    type: str
+    out_channels: int
+    groups: int
+    prunable: bool
+    group: str | None  # root of the channel group its output channels belong to
+    reason: str
+
+
+def _blocker(members: Sequence[Member], root: str, blocked: dict[str, str]) -> str | None:
+    """Why a whole group stays unpruned, or None if it is prunable."""
+    if root in blocked:
+        return blocked[root]
+    for m in members:
+        if m.name in blocked and m.role == "out":
+            return f"coupled to {m.name} ({blocked[m.name]})"
+        if m.kind == "barrier":
+            return f"coupled to channel barrier {m.name}"
+        if m.kind == "gconv":
+            return f"coupled to grouped conv {m.name} (grouped convs are not pruned yet)"
+    return None
+
+
+def _group_status(model: nn.Module, x: torch.Tensor, ignored_layers) -> tuple[dict[str, tuple[str, str | None]], set]:
+    """layer name -> (group root, blocker or None) for every output-channel member of every group."""
+    dg = build_graph(model, x)
+    names = {m: n for n, m in model.named_modules()}
+    blocked = {names[m]: "classifier output" for m in classifier_layers(model, dg) if m in names}
+    blocked.update({names[m]: "ignored by the caller" for m in resolve_layers(model, ignored_layers)})
+    status: dict[str, tuple[str, str | None]] = {}
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_LAYERS):
+        members = _members(dg, group)
+        root = names.get(group[0].dep.target.module, members[0].name)
+        why = _blocker(members, root, blocked)
+        for m in members:
+            if m.role == "out" and m.name not in status:
+                status[m.name] = (root, why)
+    traced = {names[m] for m in dg.module2node if m in names}
+    return status, traced
+
+
+def describe(model: nn.Module, example_input: torch.Tensor,
+             ignored_layers: Sequence[nn.Module | str] = ()) -> list[LayerCoverage]:
+    """Per conv/linear of ``model``: prunable or not, and the reason (traced on a copy; the model
+    and its BN statistics are untouched)."""
+    probe = copy.deepcopy(model).cpu().eval()
+    ignored = [n if isinstance(n, str) else next(k for k, v in model.named_modules() if v is n)
+               for n in ignored_layers]
+    status, traced = _group_status(probe, example_input.detach().cpu(), ignored)
+    rows = []
+    for name, m in probe.named_modules():
+        if not isinstance(m, _LAYERS):
+            continue
+        out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        groups = getattr(m, "groups", 1)
+        if name not in traced:
+            root, why = None, "not on the traced graph (unused for this input)"
+        else:
+            root, why = status.get(name, (None, "no output-channel group"))
+        rows.append(LayerCoverage(name, type(m).__name__, out, groups, why is None, root,
+                                  why or ("group root" if root == name else f"in the group of {root}")))
+    return rows
