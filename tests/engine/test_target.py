@@ -99,3 +99,21 @@ def test_target_respects_ignored_layers_and_scores():
     assert "layer1.conv1" not in report.plan
     if "stem.0" in report.plan:  # lowest custom scores go first
         assert report.plan["stem.0"] == tuple(range(len(report.plan["stem.0"])))
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_round_to_mixes_rounded_widths_to_land_within_1_percent(mode):
+    # ResNet-20 (option B) at 50% of FLOPs with round_to=8: no single allocation ratio lands within
+    # 1% (the kept fraction jumps from 0.54 to below 0.49); narrowing single groups by one step of 8
+    # from the plan just above the target does.
+    models = pytest.importorskip("kdprune.models")
+    torch.manual_seed(0)
+    m = models.create_model("resnet20", num_classes=10, in_chans=1, shortcut="B")
+    x = torch.zeros(1, 1, 28, 28)
+    dense = complexity(m, example_input=x)
+    widths = {n: c.out_channels for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d)}
+    rep = prune_to_target(m, x, Target(flops=0.5), mode=mode, round_to=8)
+    assert abs(kept(m, dense, x, "flops") - 0.5) <= 0.01 and abs(rep.achieved - 0.5) <= 0.01
+    for n, c in m.named_modules():
+        if isinstance(c, torch.nn.Conv2d) and c.out_channels != widths[n]:
+            assert c.out_channels % 8 == 0, (n, c.out_channels)

@@ -82,17 +82,29 @@ class _Search:
         self.cache: dict[tuple, tuple[float, Complexity]] = {}
 
     def kept(self, ratio: float) -> tuple[float, PruningPlan, Complexity]:
+        """Kept fraction, plan and complexity at one allocation ratio."""
         plan = self.make_plan(ratio)
-        key = tuple(sorted(plan.to_dict().items(), key=lambda kv: kv[0]))
-        key = tuple((k, tuple(v)) for k, v in key)
+        frac, c = self.measure(plan)
+        return frac, plan, c
+
+    def measure(self, plan: PruningPlan) -> tuple[float, Complexity]:
+        """Kept fraction and complexity of ``plan`` (memoised on the plan)."""
+        key = tuple((k, tuple(v)) for k, v in sorted(plan.to_dict().items()))
         if key not in self.cache:
             pruned = copy.deepcopy(self.model)
             apply_plan(pruned, self.x, plan)
             c = complexity(pruned, example_input=self.x)
             base = getattr(self.dense, self.target.metric)
             self.cache[key] = (getattr(c, self.target.metric) / base, c)
-        frac, c = self.cache[key]
-        return frac, plan, c
+        return self.cache[key]
+
+
+class _Missed(ValueError):
+    """The ratio search jumped over the target; ``above`` is the ratio just above it."""
+
+    def __init__(self, message: str, above: float) -> None:
+        super().__init__(message)
+        self.above = above
 
 
 def _bisect(search: _Search, target: float) -> tuple[float, float, PruningPlan, Complexity]:
@@ -111,12 +123,50 @@ def _bisect(search: _Search, target: float) -> tuple[float, float, PruningPlan, 
         if hi - lo < 1e-7:
             break
     above, below = search.kept(lo)[0], search.kept(hi)[0]
-    raise ValueError(
+    raise _Missed(
         f"cannot reach {search.target.metric} target {target:.4f} within {TOLERANCE:.0%}: the "
         f"closest achievable kept fractions are {above:.4f} and {below:.4f} (width steps are too "
         "coarse, e.g. because of round_to or few channels); use a smaller round_to, "
-        "mode='global', or a different target"
+        "mode='global', or a different target", lo
     )
+
+
+def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
+               round_to: int) -> tuple[int, ...] | None:
+    """``removed`` plus the lowest-score kept channels that take the group one ``round_to``
+    multiple narrower, or None if no narrower legal width exists."""
+    width = group.channels - len(removed)
+    new = (width - 1) // round_to * round_to
+    if new < max(min_width, 1, round_to):
+        return None
+    kept = [i for i in range(group.channels) if i not in set(removed)]
+    order = sorted(kept, key=lambda i: (float(scores[i]), i))
+    return tuple(sorted(set(removed) | set(order[: width - new])))
+
+
+def _mixed_rounding(search: _Search, groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+                    plan: PruningPlan, min_width: int, round_to: int, missed: ValueError
+                    ) -> tuple[float, PruningPlan, Complexity]:
+    """From the plan just above the target, narrow one group at a time by one ``round_to`` step
+    (some widths rounded down, the rest up) until the kept fraction lands within TOLERANCE.
+    Each step takes the candidate closest to the target without overshooting it."""
+    goal = search.target.value
+    for _ in range(4 * len(groups)):
+        cands = []
+        for g in groups:
+            idxs = _step_down(g, scores[g.root], plan.removals.get(g.root, ()), min_width, round_to)
+            if idxs is not None:
+                cand = PruningPlan({**plan.removals, g.root: idxs})
+                cands.append((*search.measure(cand), cand))
+        inside = [c for c in cands if abs(c[0] - goal) <= TOLERANCE]
+        if inside:
+            frac, c, best = min(inside, key=lambda t: abs(t[0] - goal))
+            return frac, best, c
+        above = [c for c in cands if c[0] > goal]
+        if not above:
+            break
+        plan = min(above, key=lambda t: t[0])[2]
+    raise ValueError(str(missed)) from None
 
 
 def prune_to_target(
@@ -150,7 +200,14 @@ def prune_to_target(
     if abs(floor - target.value) <= TOLERANCE:
         ratio, frac, plan, pruned = 1.0, *search.kept(1.0)
     else:
-        ratio, frac, plan, pruned = _bisect(search, target.value)
+        try:
+            ratio, frac, plan, pruned = _bisect(search, target.value)
+        except _Missed as e:
+            if not round_to or round_to <= 1:
+                raise
+            ratio = e.above
+            frac, plan, pruned = _mixed_rounding(search, groups, all_scores, search.kept(e.above)[1],
+                                                 min_width, round_to, e)
     apply_plan(model, example_input, plan)
     name = importance if isinstance(importance, str) else getattr(importance, "__name__", "custom")
     return PruneReport(target, frac, ratio, dense, pruned, plan, mode, name, len(search.cache))
