@@ -4,7 +4,7 @@ import torch
 
 from kdprune.engine import channel_groups, describe
 
-from .tiny_models import ChainNet, GroupedNet, MiniRes, UserNet, randomize
+from .tiny_models import ChainNet, DualPath, GroupedNet, MiniRes, UserNet, randomize
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -13,7 +13,7 @@ def _by_name(rows):
     return {r.name: r for r in rows}
 
 
-@pytest.mark.parametrize("make", [ChainNet, MiniRes, UserNet, GroupedNet])
+@pytest.mark.parametrize("make", [ChainNet, MiniRes, UserNet, GroupedNet, DualPath])
 def test_prunable_layers_are_exactly_the_out_members_of_channel_groups(make):
     torch.manual_seed(0)
     model = randomize(make(), X)
@@ -36,3 +36,11 @@ def test_reasons_name_the_cause_and_the_model_is_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
     chain = _by_name(describe(ChainNet(), X[:1], ignored_layers=["conv2"]))
     assert chain["conv2"].reason == "ignored by the caller" and chain["conv1"].prunable
+
+
+def test_channel_slices_are_not_pruned_through():
+    torch.manual_seed(0)
+    rows = _by_name(describe(DualPath(), X[:1]))
+    for name in ("a", "b"):  # sliced, added and concatenated: DepGraph maps these indices wrongly
+        assert not rows[name].prunable and "channel slice" in rows[name].reason
+    assert rows["stem.0"].prunable and rows["head.0"].prunable

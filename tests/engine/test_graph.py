@@ -167,3 +167,14 @@ def test_build_graph_keeps_training_mode():
     build_graph(m, X)
     assert m.training
     assert isinstance(channel_groups(m.eval(), X)[0], ChannelGroup) and not m.training
+
+
+def test_invalid_member_names_the_layer_whose_width_an_index_exceeds():
+    from kdprune.engine.graph import Member, invalid_member
+
+    m = ChainNet()  # conv1: 3 -> 8, bn1: 8
+    ok = (Member("conv1", "conv", "out", tuple(range(8)), tuple(range(8))),
+          Member("bn1", "bn", "out", tuple(range(8)), tuple(range(8))))
+    assert invalid_member(m, ok) is None
+    bad = ok + (Member("conv2", "conv", "in", (0, 9), (0, 9)),)  # conv2 has 8 inputs
+    assert invalid_member(m, bad) == "conv2 (input index 9 >= its 8 channels)"

@@ -11,12 +11,12 @@ from kdprune.engine import (
     MaskedModelError, PruningPlan, apply_plan, attach_masks, channel_groups, get_structure,
 )
 from tests.engine.tiny_models import (
-    ChainNet, GroupedNet, MiniRes, UserNet, WideNet, random_plan, randomize, zero_removed,
+    ChainNet, DualPath, GroupedNet, MiniRes, UserNet, WideNet, random_plan, randomize, zero_removed,
 )
 
 TINY = {
     "chain": ChainNet, "res_a": lambda: MiniRes("A"), "res_b": lambda: MiniRes("B"),
-    "user": UserNet, "grouped": GroupedNet, "wide": lambda: WideNet(16, 3),
+    "user": UserNet, "grouped": GroupedNet, "wide": lambda: WideNet(16, 3), "dual_path": DualPath,
 }
 
 

@@ -185,3 +185,21 @@ def zero_removed(model: nn.Module, groups: Sequence[ChannelGroup], plan: Pruning
             if mod.bias is not None:
                 mod.bias[local] = 0
     return ref
+
+
+class DualPath(nn.Module):
+    """Dual-path block (DPN-style): cat([a[:, :d] + b[:, :d], a[:, d:], b[:, d:]]) over channels."""
+
+    def __init__(self, c: int = 16, d: int = 8) -> None:
+        super().__init__()
+        self.d = d
+        self.stem = cbr(3, c)
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.head = cbr(d + 2 * (c - d), 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        a, b, d = self.a(s), self.b(s), self.d
+        h = torch.cat([a[:, :d] + b[:, :d], a[:, d:], b[:, d:]], dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.head(h), 1), 1))

@@ -40,6 +40,8 @@ def _blocker(members: Sequence[Member], root: str, blocked: dict[str, str]) -> s
             return f"coupled to channel barrier {m.name}"
         if m.kind == "gconv":
             return f"coupled to grouped conv {m.name} (grouped convs are not pruned yet)"
+        if m.kind == "slice":
+            return "coupled to a channel slice (x[:, a:b]), whose index mapping is not supported yet"
     return None
 
 

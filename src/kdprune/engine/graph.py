@@ -6,6 +6,7 @@ channels that flow through parameter-free channel-changing modules (ResNet optio
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -211,6 +212,9 @@ def _member_kind(dg: tp.DependencyGraph, node) -> str:
     m = node.module
     if isinstance(m, ops.TORCH_CONV) and node.type == ops.OPTYPE.CONV and m.groups > 1:
         return "gconv"
+    if node.type == ops.OPTYPE.SLICE:
+        dim = getattr(m, "dim", None)
+        return "slice" if dim is None or dim == 1 or dim < 0 else "op"  # a channel slice (x[:, a:b])
     if node.type == ops.OPTYPE.ELEMENTWISE:
         label = str(getattr(m, "_grad_fn", "op")).lower()
         return "add" if "add" in label else "op"
@@ -251,8 +255,32 @@ def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]
 
 def _group_is_prunable(members: tuple[Member, ...]) -> bool:
     # Barriers cannot be resized; non-depthwise grouped convs are not kept consistent by
-    # group.prune with arbitrary indices, so both make the whole group unprunable.
-    return not any(m.kind in ("barrier", "gconv") for m in members)
+    # group.prune with arbitrary indices; and DepGraph maps indices through channel slices
+    # wrongly (a sliced-then-concatenated channel lands on the wrong consumer input), so all
+    # three make the whole group unprunable.
+    return not any(m.kind in ("barrier", "gconv", "slice") for m in members)
+
+
+def _width(module: nn.Module, role: str) -> int | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if role == "out" else module.in_channels
+    return None
+
+
+def invalid_member(model: nn.Module, members: Sequence[Member]) -> str | None:
+    """A member whose indices exceed its layer's real width (DepGraph lost track of the channel
+    mapping), described for a warning; None when every index fits."""
+    for m in members:
+        if m.kind not in PARAM_KINDS or not m.idxs or m.name.startswith("<"):
+            continue
+        width = _width(model.get_submodule(m.name), m.role)
+        if width is not None and max(m.idxs) >= width:
+            return f"{m.name} ({m.role}put index {max(m.idxs)} >= its {width} channels)"
+    return None
 
 
 def channel_groups(
@@ -273,6 +301,11 @@ def channel_groups(
         if not _group_is_prunable(members):
             continue
         root = group[0].dep.target.module
+        if (bad := invalid_member(model, members)) is not None:
+            warnings.warn(f"kdprune: the channel group of {dg._module2name.get(root, root)!r} is left "
+                          f"unpruned: {bad}; an unsupported channel op breaks the index mapping",
+                          stacklevel=2)
+            continue
         found.append((order.get(root, len(order)), root, members))
     found.sort(key=lambda t: t[0])
     groups = []
