@@ -11,6 +11,7 @@ from kdprune.engine.graph import (
     find_barriers,
     tp_group,
 )
+from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, residual_blocks, residual_parts
 from kdprune.engine.describe import LayerCoverage, describe
 from kdprune.engine.importance import IMPORTANCE, importance_scores
 from kdprune.engine.masks import MaskSet, attach_masks, fold_gates_into_bn, masks_to_plan, zero_channels
@@ -33,6 +34,7 @@ __all__ = [
     "BARRIER_ATTR", "ChannelGroup", "Member", "build_graph", "channel_groups", "classifier_layers",
     "find_barriers", "tp_group",
     "IMPORTANCE", "importance_scores", "LayerCoverage", "describe",
+    "RemoveBlock", "ShortcutOnly", "residual_blocks", "residual_parts",
     "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",
