@@ -68,3 +68,39 @@ def test_blocks_without_the_protocol_are_refused_clearly():
     with pytest.raises(ValueError, match="no residual_parts.*cannot tell its shortcut from its branch"):
         apply_edit(net, {"op": "remove_block", "module": "1"})
     assert residual_blocks(_zoo("A"))[::3] == ["layer1.0", "layer2.0", "layer3.0"]
+
+
+# (model name, kwargs, branch-end submodule inside a block): zeroing that output zeroes the branch
+ZOO = [("resnet20", {"shortcut": "A"}, "bn2"), ("wrn16_2", {}, "conv2"), ("resnet18", {}, "bn2"),
+       ("resnet50", {}, "bn3"), ("mobilenetv2", {}, "conv")]
+X3 = torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name,kwargs,branch_end", ZOO)
+def test_every_zoo_family_removes_its_blocks_exactly(name, kwargs, branch_end):
+    models = pytest.importorskip("kdprune.models")
+    torch.manual_seed(0)
+    model = randomize(models.create_model(name, num_classes=10, in_chans=3, **kwargs), X3)
+    blocks = residual_blocks(model)
+    assert blocks, name
+    changes = [b for b in blocks if model.get_submodule(b).residual_parts()["shortcut"] is not None]
+    chosen = sorted({blocks[0], blocks[-1], *changes[:1]}, key=blocks.index)  # incl. a projection block
+    hooks = [model.get_submodule(f"{b}.{branch_end}").register_forward_hook(lambda m, a, out: out * 0.0)
+             for b in chosen]
+    with torch.no_grad():
+        expect = model.eval()(X3)
+    for h in hooks:
+        h.remove()
+    for b in chosen:
+        apply_edit(model, {"op": "remove_block", "module": b}, X3[:1])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(X3), expect)
+
+
+def test_a_block_without_a_residual_connection_is_refused():
+    models = pytest.importorskip("kdprune.models")
+    m = models.create_model("mobilenetv2", num_classes=10, in_chans=3)
+    plain = next(n for n, b in m.named_modules() if type(b).__name__ == "InvertedResidual" and not b.use_res)
+    assert plain not in residual_blocks(m)
+    with pytest.raises(ValueError, match="has no residual connection"):
+        apply_edit(m, {"op": "remove_block", "module": plain})

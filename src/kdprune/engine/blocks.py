@@ -1,11 +1,13 @@
 """Residual blocks for block pruning: the block protocol and the ``remove_block`` edit.
 
 Block protocol (models implement it; the engine imports no model): a residual block has
-``residual_parts() -> {"shortcut": name, "post": name | None}``, the submodule whose output is
-added to the branch's, and the module applied after the addition (e.g. the second ReLU of a
+``residual_parts() -> {"pre": [names], "shortcut": name | None, "post": name | None}`` (or
+None when it has no residual connection): the modules applied to the input before the shortcut
+(a pre-activation block's BN-ReLU when its projection reads the activated input), the shortcut
+module (None: identity), and the module applied after the addition (e.g. the second ReLU of a
 post-activation BasicBlock); a model lists its blocks with ``residual_blocks() -> [names]``.
-Removing a block keeps ``post(shortcut(x))``: exactly the block with its branch output zeroed,
-which is what a zero soft mask on the branch computes (OED's removal)."""
+Removing a block keeps ``post(shortcut(pre(x)))``: exactly the block with its branch output
+zeroed, which is what a zero soft mask on the branch computes (OED's removal)."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,37 +29,39 @@ def residual_blocks(model: nn.Module) -> list[str]:
     return list(fn())
 
 
-def residual_parts(block: nn.Module, name: str = "block") -> dict[str, str | None]:
-    """The block's shortcut and post-addition module names (ValueError naming what is missing)."""
+def residual_parts(block: nn.Module, name: str = "block") -> dict[str, Any]:
+    """The block's pre-shortcut, shortcut and post-addition module names (ValueError naming what
+    is missing, or that the block has no residual connection)."""
     fn = getattr(block, "residual_parts", None)
     if not callable(fn):
         raise ValueError(f"{name} ({type(block).__name__}) has no residual_parts(): kdprune cannot tell its "
                          "shortcut from its branch, so it cannot be removed")
-    parts = dict(fn())
-    for key in ("shortcut", "post"):
-        sub = parts.get(key)
+    parts = fn()
+    if parts is None:
+        raise ValueError(f"{name} ({type(block).__name__}) has no residual connection: removing it would "
+                         "change what the next layer receives")
+    parts = {"pre": list(parts.get("pre", [])), "shortcut": parts.get("shortcut"), "post": parts.get("post")}
+    for sub in [*parts["pre"], parts["shortcut"], parts["post"]]:
         if sub is not None and not hasattr(block, sub):
-            raise ValueError(f"{name}.residual_parts() names {key}={sub!r}, which the block does not have")
-    if parts.get("shortcut") is None:
-        raise ValueError(f"{name}.residual_parts() gives no shortcut")
+            raise ValueError(f"{name}.residual_parts() names {sub!r}, which the block does not have")
     return parts
 
 
 class ShortcutOnly(nn.Module):
-    """A removed residual block: ``post(shortcut(x))``, under the block's own submodule names so
-    the shortcut's weights keep their state_dict keys."""
+    """A removed residual block: ``post(shortcut(pre(x)))``, under the block's own submodule names
+    so that their weights keep their state_dict keys."""
 
-    def __init__(self, block: nn.Module, parts: dict[str, str | None]) -> None:
+    def __init__(self, block: nn.Module, parts: dict[str, Any]) -> None:
         super().__init__()
-        self.shortcut_name, self.post_name = parts["shortcut"], parts.get("post")
-        self.add_module(self.shortcut_name, getattr(block, self.shortcut_name))
-        if self.post_name is not None:
-            self.add_module(self.post_name, getattr(block, self.post_name))
+        self.order = [*parts["pre"], *[n for n in (parts["shortcut"], parts["post"]) if n is not None]]
+        for n in self.order:
+            self.add_module(n, getattr(block, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The shortcut's output, through the post-addition module if any."""
-        out = getattr(self, self.shortcut_name)(x)
-        return getattr(self, self.post_name)(out) if self.post_name is not None else out
+        """The input through the kept modules, in order (identity when there are none)."""
+        for n in self.order:
+            x = getattr(self, n)(x)
+        return x
 
 
 @register_edit("remove_block")

@@ -42,6 +42,12 @@ class ZooModel(nn.Module):
         self.num_classes = int(num_classes)
         self.in_chans = int(in_chans)
 
+    def residual_blocks(self) -> list[str]:
+        """Block protocol (kdprune.engine.blocks): names of the submodules whose
+        ``residual_parts()`` says they are residual blocks, in module order."""
+        return [n for n, m in self.named_modules()
+                if callable(getattr(m, "residual_parts", None)) and m.residual_parts() is not None]
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Layers before the first stage (identity by default)."""
         return x

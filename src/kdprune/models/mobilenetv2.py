@@ -69,6 +69,10 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
 
+    def residual_parts(self) -> dict[str, object] | None:
+        """Block protocol: identity shortcut when the block is residual, else None."""
+        return {"pre": [], "shortcut": None, "post": None} if self.use_res else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + block(x) when shapes allow, else block(x) (linear bottleneck, no final ReLU)."""
         if self.use_res:

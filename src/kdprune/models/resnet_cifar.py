@@ -71,7 +71,7 @@ class BasicBlock(nn.Module):
 
     def residual_parts(self) -> dict[str, str | None]:
         """Block protocol (kdprune.engine.blocks): the shortcut, and the ReLU after the addition."""
-        return {"shortcut": "shortcut", "post": "relu2"}
+        return {"pre": [], "shortcut": "shortcut", "post": "relu2"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
@@ -113,10 +113,6 @@ class CifarResNet(ZooModel):
             planes = w
         self.fc = nn.Linear(widths[-1], num_classes)
         kaiming_init(self)
-
-    def residual_blocks(self) -> list[str]:
-        """Block protocol: every BasicBlock, in forward order (``layer2.0`` ...)."""
-        return [f"{stage}.{i}" for stage in self.feature_modules for i in range(len(getattr(self, stage)))]
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """3x3 conv-BN-ReLU stem at full resolution (He et al. 2016)."""

@@ -29,10 +29,17 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+def _downsample_parts(block: nn.Module) -> dict[str, object]:
+    """Block protocol (kdprune.engine.blocks): the downsample projection (or identity), then the
+    block's last ReLU (``POST``)."""
+    return {"pre": [], "shortcut": "downsample" if block.downsample is not None else None, "post": block.POST}
+
+
 class ImageNetBasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus shortcut (He et al. 2016, ResNet-18/34 block)."""
 
     expansion = 1
+    POST = "relu2"
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None) -> None:
@@ -46,6 +53,8 @@ class ImageNetBasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.stride = stride
 
+    residual_parts = _downsample_parts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))."""
         identity = x if self.downsample is None else self.downsample(x)
@@ -58,6 +67,7 @@ class Bottleneck(nn.Module):
     """1x1-3x3-1x1 bottleneck block (He et al. 2016, ResNet-50/101/152; stride on the 3x3)."""
 
     expansion = 4
+    POST = "relu3"
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None) -> None:
@@ -73,6 +83,8 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.relu3 = nn.ReLU()
         self.stride = stride
+
+    residual_parts = _downsample_parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu(bn3(conv3(...conv1(x)...)) + downsample(x))."""

@@ -41,6 +41,12 @@ class WideBasicBlock(nn.Module):
             else nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
         )
 
+    def residual_parts(self) -> dict[str, object]:
+        """Block protocol: identity shortcut, or a projection of the pre-activated input."""
+        if self.equal_in_out:
+            return {"pre": [], "shortcut": None, "post": None}
+        return {"pre": ["bn1", "relu1"], "shortcut": "shortcut", "post": None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """conv2(drop(relu(bn2(conv1(relu(bn1(x))))))) + shortcut (He et al. 2016b pre-act)."""
         pre = self.relu1(self.bn1(x))
