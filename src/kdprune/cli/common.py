@@ -196,12 +196,11 @@ def run_kind(path: Path) -> str | None:
     marker = path / RUN_MARKER
     if marker.is_file():
         return json.loads(marker.read_text()).get("kind", "other")
-    cfg = path / "config.json"  # runs written before the marker existed
-    if (path / "report.json").is_file() or (cfg.is_file() and "recipe" in json.loads(cfg.read_text())):
+    cfg_file = path / "config.json"  # runs written before the marker existed
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if (path / "report.json").is_file() or "recipe" in cfg:
         return "compress"
-    if cfg.is_file() and "train_config" in json.loads(cfg.read_text()):
-        return "train"
-    return "other"
+    return "train" if "train_config" in cfg else "other"
 
 
 def _check_not_source(out: Path, source: Path | None) -> None:

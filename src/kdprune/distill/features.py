@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kdprune.distill.teachers import as_normal  # features captured from a FrozenTeacher
+
 __all__ = ["FeatureTap", "HintLoss"]
 
 
@@ -75,19 +77,19 @@ class FeatureTap:
     @property
     def features(self) -> dict[str, Tensor]:
         """Captured outputs of the last forward, ordered as ``names``."""
-        return {n: _readable(self._store[n]) for n in self.names if n in self._store}
+        return {n: as_normal(self._store[n]) for n in self.names if n in self._store}
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._store:
             raise KeyError(f"no captured output for {name!r} (was the model run? known: {self.names})")
-        return _readable(self._store[name])
+        return as_normal(self._store[name])
 
     def as_list(self) -> list[Tensor]:
         """Captured outputs in ``names`` order; raises if some module did not run."""
         missing = [n for n in self.names if n not in self._store]
         if missing:
             raise RuntimeError(f"submodules {missing} produced no output in the last forward")
-        return [_readable(self._store[n]) for n in self.names]
+        return [as_normal(self._store[n]) for n in self.names]
 
     def clear(self) -> None:
         """Drop captured tensors (frees activations kept alive by the tap)."""
@@ -105,12 +107,6 @@ class FeatureTap:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def _readable(t: Tensor) -> Tensor:
-    """A feature captured under inference mode (a FrozenTeacher's) as a normal tensor, so that a
-    loss may combine it with the student's graph."""
-    return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
 
 
 def _as_4d(feat: Tensor, role: str, index: int) -> Tensor:

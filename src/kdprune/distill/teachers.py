@@ -60,16 +60,18 @@ class FrozenTeacher(nn.Module):
             out = self.model(*args, **kwargs)
         # Inference tensors cannot be saved for backward, and the KD loss combines the teacher's
         # outputs with the student's graph: a clone outside inference mode is a normal tensor.
-        return _as_normal(out)
+        return as_normal(out)
 
 
-def _as_normal(out: Any) -> Any:
+def as_normal(out: Any) -> Any:
+    """Inference tensors in ``out`` (a tensor or nested list/tuple/dict) cloned into normal ones,
+    so a loss may combine them with a graph; a no-op inside inference mode."""
     if isinstance(out, Tensor):
-        return out.clone() if out.is_inference() else out
+        return out.clone() if out.is_inference() and not torch.is_inference_mode_enabled() else out
     if isinstance(out, (list, tuple)):
-        return type(out)(_as_normal(o) for o in out)
+        return type(out)(as_normal(o) for o in out)
     if isinstance(out, dict):
-        return {k: _as_normal(v) for k, v in out.items()}
+        return {k: as_normal(v) for k, v in out.items()}
     return out
 
 

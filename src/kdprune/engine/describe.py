@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kdprune.engine.graph import Member, _members, build_graph, classifier_layers, resolve_layers
+from kdprune.engine.graph import Member, _members, build_graph, classifier_layers, group_blocker, resolve_layers
 
 __all__ = ["LayerCoverage", "describe"]
 
@@ -29,20 +29,15 @@ class LayerCoverage:
     reason: str
 
 
-def _blocker(members: Sequence[Member], root: str, blocked: dict[str, str]) -> str | None:
-    """Why a whole group stays unpruned, or None if it is prunable."""
+def _blocker(model: nn.Module, members: Sequence[Member], root: str, blocked: dict[str, str]) -> str | None:
+    """Why a whole group stays unpruned (the caller's exclusions first, then the engine's own
+    rule, ``group_blocker``), or None if it is prunable."""
     if root in blocked:
         return blocked[root]
     for m in members:
         if m.name in blocked and m.role == "out":
             return f"coupled to {m.name} ({blocked[m.name]})"
-        if m.kind == "barrier":
-            return f"coupled to channel barrier {m.name}"
-        if m.kind == "gconv":
-            return f"coupled to grouped conv {m.name} (grouped convs are not pruned yet)"
-        if m.kind == "slice":
-            return "coupled to a channel slice (x[:, a:b]), whose index mapping is not supported yet"
-    return None
+    return group_blocker(model, members)
 
 
 def _group_status(model: nn.Module, x: torch.Tensor, ignored_layers) -> tuple[dict[str, tuple[str, str | None]], set]:
@@ -55,7 +50,7 @@ def _group_status(model: nn.Module, x: torch.Tensor, ignored_layers) -> tuple[di
     for group in dg.get_all_groups(ignored_layers=[], root_module_types=_LAYERS):
         members = _members(dg, group)
         root = names.get(group[0].dep.target.module, members[0].name)
-        why = _blocker(members, root, blocked)
+        why = _blocker(model, members, root, blocked)
         for m in members:
             if m.role == "out" and m.name not in status:
                 status[m.name] = (root, why)

@@ -253,12 +253,25 @@ def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]
     return tuple(sites)
 
 
-def _group_is_prunable(members: tuple[Member, ...]) -> bool:
-    # Barriers cannot be resized; non-depthwise grouped convs are not kept consistent by
-    # group.prune with arbitrary indices; and DepGraph maps indices through channel slices
-    # wrongly (a sliced-then-concatenated channel lands on the wrong consumer input), so all
-    # three make the whole group unprunable.
-    return not any(m.kind in ("barrier", "gconv", "slice") for m in members)
+# Member kinds that make their whole group unprunable, and why. Barriers cannot be resized;
+# non-depthwise grouped convs are not kept consistent by group.prune with arbitrary indices; and
+# DepGraph maps indices through channel slices wrongly (a sliced-then-concatenated channel lands
+# on the wrong consumer input).
+_UNPRUNABLE = {
+    "barrier": "coupled to channel barrier {name}",
+    "gconv": "coupled to grouped conv {name} (grouped convs are not pruned yet)",
+    "slice": "coupled to a channel slice (x[:, a:b]), whose index mapping is not supported yet",
+}
+
+
+def group_blocker(model: nn.Module, members: Sequence[Member]) -> str | None:
+    """Why a group cannot be pruned (an unsupported member kind, or indices beyond a layer's
+    width), or None when it can."""
+    for m in members:
+        if m.kind in _UNPRUNABLE:
+            return _UNPRUNABLE[m.kind].format(name=m.name)
+    bad = invalid_member(model, members)
+    return None if bad is None else f"{bad}; an unsupported channel op breaks the index mapping"
 
 
 def _width(module: nn.Module, role: str) -> int | None:
@@ -298,13 +311,12 @@ def channel_groups(
     found = []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=root_types):
         members = _members(dg, group)
-        if not _group_is_prunable(members):
-            continue
         root = group[0].dep.target.module
-        if (bad := invalid_member(model, members)) is not None:
-            warnings.warn(f"kdprune: the channel group of {dg._module2name.get(root, root)!r} is left "
-                          f"unpruned: {bad}; an unsupported channel op breaks the index mapping",
-                          stacklevel=2)
+        why = group_blocker(model, members)
+        if why is not None:
+            if not any(m.kind in _UNPRUNABLE for m in members):  # not a known construct: say so
+                warnings.warn(f"kdprune: the channel group of {dg._module2name.get(root, root)!r} is left "
+                              f"unpruned: {why}", stacklevel=2)
             continue
         found.append((order.get(root, len(order)), root, members))
     found.sort(key=lambda t: t[0])

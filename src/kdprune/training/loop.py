@@ -78,16 +78,21 @@ class _EpochMeter:
         self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
         for k, v in terms.items():
-            acc = self.terms.setdefault(k, torch.zeros((), dtype=torch.float64, device=self.sums.device))
-            acc += v.detach().double() * n
+            term = v.detach().double() * n
+            if k in self.terms:
+                self.terms[k] += term
+            else:
+                self.terms[k] = term
 
-    def values(self) -> dict[str, float]:
-        """This rank's running means (no all-reduce): for the progress bar."""
-        loss_sum, correct, n = self.sums.tolist()
-        n = max(n, 1.0)
+    def values(self) -> tuple[dict[str, float], float]:
+        """This rank's running means and images seen (no all-reduce; one sync): for the bar."""
+        keys = list(self.terms)
+        vals = torch.cat([self.sums] + [self.terms[k].reshape(1) for k in keys]).tolist()
+        loss_sum, correct, seen = vals[:3]
+        n = max(seen, 1.0)
         out = {"loss": loss_sum / n, "acc": 100 * correct / n}
-        out.update({k: float(v) / n for k, v in self.terms.items()})
-        return out
+        out.update({k: v / n for k, v in zip(keys, vals[3:])})
+        return out, seen
 
     def reduce(self) -> dict[str, float]:
         """All-reduced epoch means, one collective for everything (term keys sorted: same order on every rank)."""
@@ -158,8 +163,8 @@ def _progress(bar, i: int, meter: _EpochMeter, lr: float) -> None:
     bar.update(1)
     if bar.disable or (i % 20 != 0):
         return  # .tolist() syncs: only every 20 steps
-    vals = meter.values()
-    rate = meter.sums[2].item() / max(time.perf_counter() - meter.t0, 1e-9)
+    vals, seen = meter.values()
+    rate = seen / max(time.perf_counter() - meter.t0, 1e-9)
     post = {k: f"{v:.3f}" for k, v in vals.items() if k != "acc"}
     bar.set_postfix(**post, acc=f"{vals['acc']:.1f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
 

@@ -22,14 +22,14 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def _named_trainable(modules: dict[str, nn.Module]) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+def _named_trainable(modules: dict[str, nn.Module]) -> list[tuple[str, str, nn.Parameter]]:
     seen: set[int] = set()
     out = []
     for prefix, mod in modules.items():
         for name, p in mod.named_parameters():
             if p.requires_grad and id(p) not in seen:  # shared weights enter once
                 seen.add(id(p))
-                out.append((prefix, mod, name, p))
+                out.append((prefix, name, p))
     return out
 
 
@@ -42,7 +42,7 @@ def param_groups(modules: dict[str, nn.Module], owned: Iterable[nn.Parameter] = 
     owned_ids = {id(p) for p in owned}
     skip = {prefix: no_decay_names(mod) for prefix, mod in modules.items()}
     decay, no_decay = [], []
-    for prefix, _, name, p in _named_trainable(modules):
+    for prefix, name, p in _named_trainable(modules):
         if id(p) in owned_ids:
             continue
         if decay_1d or (p.ndim > 1 and name not in skip[prefix]):
