@@ -24,7 +24,7 @@ def recipes(target: float, ft: kp.TrainConfig, sparse_epochs: int, round_to: boo
     """The compared recipes at one FLOPs target (same fine-tune config for all)."""
     r = kp.recipes
     rounded = {"L1Finetune (round_to=8)": r.L1Finetune(target_flops=target, finetune=ft, round_to=8,
-                                                       mode="global")} if round_to else {}
+                                                       mode=kp.engine.Global())} if round_to else {}
     return {"L1Finetune": r.L1Finetune(target_flops=target, finetune=ft), **rounded,
             "GroupNorm": r.GroupNorm(target_flops=target, finetune=ft,
                                      sparse=kp.TrainConfig(epochs=sparse_epochs, optimizer=kp.SGD(lr=0.01))),

@@ -39,7 +39,7 @@ def recipes(ft: kp.TrainConfig, ramp: float) -> list[tuple[str, str, str, object
     out += [("SDAP, alpha=0 (no KD)", label, "sdap-alpha0-p0.25",
              r.SDAP(target_params=0.25, finetune=ft, ramp_epochs=ramp, alpha=0.0)),
             ("SDAP, uniform rates", label, "sdap-uniform-p0.25",
-             r.SDAP(target_params=0.25, finetune=ft, ramp_epochs=ramp, mode="uniform"))]
+             r.SDAP(target_params=0.25, finetune=ft, ramp_epochs=ramp, mode=kp.engine.Uniform()))]
     return out
 
 

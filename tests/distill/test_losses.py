@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from kdprune.distill import ensemble_probs, kd_loss, kd_objective, multi_teacher_kd_loss, soft_targets
+from kdprune.distill import (
+    MeanKL, MeanProb, ensemble_probs, kd_loss, kd_objective, multi_teacher_kd_loss, soft_targets,
+)
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T1 = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]]
@@ -78,7 +80,7 @@ def test_multi_teacher_mean_kl_closed_form():
     p_s = softmax_rows(S, temp)
     k1 = temp**2 * kl_rows(softmax_rows(T1, temp), p_s)
     k2 = temp**2 * kl_rows(softmax_rows(T2, temp), p_s)
-    got = multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode="mean_kl")
+    got = multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode=MeanKL())
     assert got.item() == pytest.approx((k1 + k2) / 2, rel=1e-6)
 
 
@@ -87,18 +89,18 @@ def test_multi_teacher_mean_prob_closed_form():
     p1, p2 = softmax_rows(T1, temp), softmax_rows(T2, temp)
     mean = [[(a + b) / 2 for a, b in zip(r1, r2)] for r1, r2 in zip(p1, p2)]
     expected = temp**2 * kl_rows(mean, softmax_rows(S, temp))
-    got = multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode="mean_prob")
+    got = multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode=MeanProb())
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # Jensen: KL is convex in its first argument, so averaging targets cannot increase it.
-    assert got.item() <= multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode="mean_kl").item()
+    assert got.item() <= multi_teacher_kd_loss(t(S), [t(T1), t(T2)], temp, mode=MeanKL()).item()
 
 
 def test_multi_teacher_degenerate_cases_equal_kd():
     s, te = torch.randn(3, 6), torch.randn(3, 6)
     ref = kd_loss(s, te, 3.0)
-    torch.testing.assert_close(multi_teacher_kd_loss(s, [te], 3.0, mode="mean_prob"), ref)
-    torch.testing.assert_close(multi_teacher_kd_loss(s, [te, te.clone(), te.clone()], 3.0, mode="mean_kl"), ref)
-    torch.testing.assert_close(multi_teacher_kd_loss(s, [te, te.clone()], 3.0, mode="mean_prob"), ref)
+    torch.testing.assert_close(multi_teacher_kd_loss(s, [te], 3.0, mode=MeanProb()), ref)
+    torch.testing.assert_close(multi_teacher_kd_loss(s, [te, te.clone(), te.clone()], 3.0, mode=MeanKL()), ref)
+    torch.testing.assert_close(multi_teacher_kd_loss(s, [te, te.clone()], 3.0, mode=MeanProb()), ref)
 
 
 def test_multi_teacher_validates():

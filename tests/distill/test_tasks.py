@@ -11,6 +11,8 @@ from kdprune.distill import (
     HintKDTask,
     HintLoss,
     KDTask,
+    MeanKL,
+    MeanProb,
     Task,
     kd_loss,
     multi_teacher_kd_loss,
@@ -66,7 +68,7 @@ def test_kd_task_terms_and_teacher_gets_no_grad(batch):
     assert not raw_teacher.training
 
 
-@pytest.mark.parametrize("mode", ["mean_kl", "mean_prob"])
+@pytest.mark.parametrize("mode", [MeanKL(), MeanProb()])
 def test_kd_task_with_ensemble(batch, mode):
     x, y = batch
     student = net()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdprune.engine import ChannelGroup, PruningPlan, plan_pruning, round_width
+from kdprune.engine import ChannelGroup, Global, PruningPlan, Uniform, plan_pruning, round_width
 
 
 def grp(root: str, channels: int, index: int = 0) -> ChannelGroup:
@@ -23,7 +23,7 @@ def test_plan_is_sorted_and_deduplicated():
 
 
 def test_uniform_same_fraction_lowest_scores():
-    plan = plan_pruning([A, B], SCORES, 0.5, "uniform")
+    plan = plan_pruning([A, B], SCORES, 0.5, Uniform())
     assert plan["a"] == (4, 5, 6, 7)
     assert plan["b"] == tuple(range(8))
     assert plan_pruning([A, B], SCORES, 0.0).num_removed == 0
@@ -32,7 +32,7 @@ def test_uniform_same_fraction_lowest_scores():
 def test_uniform_fraction_dithered_within_one_channel():
     groups = [grp(f"g{i}", 16, i) for i in range(4)]
     scores = {g.root: torch.rand(16) for g in groups}
-    plan = plan_pruning(groups, scores, 0.53, "uniform")  # 8.48 channels per group
+    plan = plan_pruning(groups, scores, 0.53, Uniform())  # 8.48 channels per group
     counts = [len(plan.removals.get(g.root, ())) for g in groups]
     assert set(counts) <= {8, 9} and sum(counts) == round(0.53 * 64)
 
@@ -41,17 +41,17 @@ def test_global_single_threshold_on_normalised_scores():
     # a's scores are tiny after normalisation only for its low half; b is flat -> normalised 1
     scores = {"a": torch.tensor([0.1, 0.1, 0.1, 0.1, 1.9, 1.9, 1.9, 1.9]),
               "b": torch.ones(16)}
-    plan = plan_pruning([A, B], scores, 4 / 24, "global")
+    plan = plan_pruning([A, B], scores, 4 / 24, Global())
     assert plan.to_dict() == {"a": [0, 1, 2, 3]}
     # hand threshold: normalised scores (score / group mean), remove the k=12 smallest overall
-    plan = plan_pruning([A, B], SCORES, 0.5, "global")
+    plan = plan_pruning([A, B], SCORES, 0.5, Global())
     norm = torch.cat([SCORES["a"] / SCORES["a"].mean(), SCORES["b"] / SCORES["b"].mean()])
     thr = norm.sort().values[11]
     assert len(plan["a"]) == int((norm[:8] <= thr).sum()) and len(plan["b"]) == int((norm[8:] <= thr).sum())
     assert plan.num_removed == 12
 
 
-@pytest.mark.parametrize("mode", ["uniform", "global"])
+@pytest.mark.parametrize("mode", [Uniform(), Global()])
 def test_min_width_honoured(mode):
     plan = plan_pruning([A, B], SCORES, 1.0, mode, min_width=3)
     assert len(plan["a"]) == 5 and len(plan["b"]) == 13
@@ -59,7 +59,7 @@ def test_min_width_honoured(mode):
     assert plan.num_removed == 0
 
 
-@pytest.mark.parametrize("mode", ["uniform", "global"])
+@pytest.mark.parametrize("mode", [Uniform(), Global()])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6, 0.9, 1.0])
 def test_round_to_honoured(mode, ratio):
     groups = [grp("a", 24, 0), grp("b", 64, 1), grp("c", 6, 2)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdprune.engine import (
-    MaskSet, apply_plan, attach_masks, channel_groups, fold_gates_into_bn, masks_to_plan,
+    MaskKind, MaskSet, apply_plan, attach_masks, channel_groups, fold_gates_into_bn, masks_to_plan,
 )
 from tests.engine.tiny_models import ChainNet, MiniRes, UserNet, randomize
 
@@ -22,7 +22,7 @@ def setup(name: str, kind: str = "gate"):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("kind", ["mask", "gate"])
+@pytest.mark.parametrize("kind", [MaskKind.MASK, MaskKind.GATE])
 def test_init_ones_leave_outputs_unchanged(name, kind):
     m, groups = setup(name)
     ref = m(X)
@@ -37,7 +37,7 @@ def test_init_ones_leave_outputs_unchanged(name, kind):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_folded_gates_equal_gated(name):
     m, groups = setup(name)
-    masks = attach_masks(m, groups, kind="gate")
+    masks = attach_masks(m, groups, kind=MaskKind.GATE)
     g = torch.Generator().manual_seed(0)
     for grp in groups:
         v = torch.rand(grp.channels, generator=g) * 1.5
@@ -52,7 +52,7 @@ def test_folded_gates_equal_gated(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_masked_equals_physically_pruned(name):
     m, groups = setup(name)
-    masks = attach_masks(m, groups, kind="mask")
+    masks = attach_masks(m, groups, kind=MaskKind.MASK)
     g = torch.Generator().manual_seed(1)
     for grp in groups:
         keep = torch.rand(grp.channels, generator=g) > 0.4
@@ -70,7 +70,7 @@ def test_masked_equals_physically_pruned(name):
 
 def test_gates_get_gradients_and_state_dict_round_trip():
     m, groups = setup("res_b")
-    masks = attach_masks(m, groups, kind="gate")
+    masks = attach_masks(m, groups, kind=MaskKind.GATE)
     assert all(isinstance(masks.value(g), torch.nn.Parameter) for g in groups)
     assert {id(p) for p in masks.parameters()} <= {id(p) for p in m.parameters()}  # optimiser sees them
     m.train()
@@ -81,7 +81,7 @@ def test_gates_get_gradients_and_state_dict_round_trip():
     key = [k for k in sd if k.startswith("kdprune_masks.")]
     assert len(key) == len(groups)
     fresh = MODELS["res_b"]()
-    fresh_masks = attach_masks(fresh, channel_groups(fresh, X[:1]), kind="gate")
+    fresh_masks = attach_masks(fresh, channel_groups(fresh, X[:1]), kind=MaskKind.GATE)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh_masks.value(groups[1]), masks.value(groups[1]))
     m.eval(), fresh.eval()
@@ -90,7 +90,7 @@ def test_gates_get_gradients_and_state_dict_round_trip():
 
 def test_hard_masks_are_buffers_and_deepcopy_keeps_hooks_consistent():
     m, groups = setup("chain")
-    masks = attach_masks(m, groups, kind="mask")
+    masks = attach_masks(m, groups, kind=MaskKind.MASK)
     assert len(list(masks.parameters())) == 0 and len(list(masks.buffers())) == len(groups)
     masks.set_mask("conv2", [True] * 6 + [False] * 6)
     clone = copy.deepcopy(m)
@@ -120,5 +120,5 @@ def test_mask_errors():
 
 def test_channel_groups_on_masked_model_ignore_gates():
     m, groups = setup("user")
-    attach_masks(m, groups, kind="gate")
+    attach_masks(m, groups, kind=MaskKind.GATE)
     assert [g.root for g in channel_groups(m, X[:1])] == [g.root for g in groups]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kdprune.engine import (
-    Target, apply_plan, channel_groups, get_structure, importance_scores, plan_pruning,
-    prune_to_target,
+    L1, L2, Global, Target, Uniform, apply_plan, channel_groups, get_structure, importance_scores,
+    plan_pruning, prune_to_target,
 )
 from kdprune.metrics import complexity
 from tests.engine.tiny_models import ChainNet, MiniRes, WideNet
@@ -21,10 +21,10 @@ def kept(model, dense, x, metric):
 
 
 @pytest.mark.parametrize("target,mode", [
-    (Target(flops=0.3), "uniform"),
-    (Target(flops=0.7), "global"),
-    (Target(params=0.5), "uniform"),
-    (Target(params=0.8), "global"),
+    (Target(flops=0.3), Uniform()),
+    (Target(flops=0.7), Global()),
+    (Target(params=0.5), Uniform()),
+    (Target(params=0.8), Global()),
 ])
 def test_targets_met_within_one_percent(target, mode):
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def test_zoo_resnet_flops_target():
     m = models.create_model("resnet20")
     x = torch.randn(1, 3, 16, 16)
     dense = complexity(m, example_input=x)
-    prune_to_target(m, x, Target(flops=0.6), importance="l2")
+    prune_to_target(m, x, Target(flops=0.6), importance=L2())
     assert abs(kept(m, dense, x, "flops") - 0.6) <= 0.01
 
 
@@ -51,13 +51,13 @@ def test_round_to_reachable_target():
     torch.manual_seed(1)
     m = WideNet()
     groups = channel_groups(m, X8)
-    scores = importance_scores(m, groups, "l1")
+    scores = importance_scores(m, groups, L1())
     # a target that round_to=8 widths can reach: the kept FLOPs of some rounded plan, nudged
     probe = copy.deepcopy(m)
-    apply_plan(probe, X8, plan_pruning(groups, scores, 0.45, "global", round_to=8))
+    apply_plan(probe, X8, plan_pruning(groups, scores, 0.45, Global(), round_to=8))
     reachable = kept(probe, complexity(m, example_input=X8), X8, "flops") + 0.004
     dense = complexity(m, example_input=X8)
-    prune_to_target(m, X8, Target(flops=reachable), mode="global", round_to=8)
+    prune_to_target(m, X8, Target(flops=reachable), mode=Global(), round_to=8)
     assert abs(kept(m, dense, X8, "flops") - reachable) <= 0.01
     for layer in m.features:
         assert layer[0].out_channels % 8 == 0
@@ -93,7 +93,7 @@ def test_unreachable_under_min_width_names_smallest_fraction():
 def test_target_respects_ignored_layers_and_scores():
     m = MiniRes("B")
     x = torch.randn(1, 3, 16, 16)
-    report = prune_to_target(m, x, Target(params=0.7), mode="global", ignored_layers=["layer1.conv1"],
+    report = prune_to_target(m, x, Target(params=0.7), mode=Global(), ignored_layers=["layer1.conv1"],
                              scores={"stem.0": torch.arange(8).float()})
     assert m.layer1.conv1.out_channels == 8
     assert "layer1.conv1" not in report.plan
@@ -101,7 +101,7 @@ def test_target_respects_ignored_layers_and_scores():
         assert report.plan["stem.0"] == tuple(range(len(report.plan["stem.0"])))
 
 
-@pytest.mark.parametrize("mode", ["uniform", "global"])
+@pytest.mark.parametrize("mode", [Uniform(), Global()])
 def test_round_to_mixes_rounded_widths_to_land_within_1_percent(mode):
     # ResNet-20 (option B) at 50% of FLOPs with round_to=8: no single allocation ratio lands within
     # 1% (the kept fraction jumps from 0.54 to below 0.49); narrowing single groups by one step of 8

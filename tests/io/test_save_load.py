@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from kdprune.engine import (
-    PruningPlan, Target, apply_edit, apply_plan, attach_masks, channel_groups, prune_to_target,
+    Global, MaskKind, PruningPlan, Target, apply_edit, apply_plan, attach_masks, channel_groups,
+    prune_to_target,
 )
 from kdprune.io import load_pruned, save_pruned
 from tests.engine.tiny_models import ChainNet, UserNet, make_user_net, random_plan, randomize
@@ -33,7 +34,7 @@ def zoo_saved(tmp_path_factory):
     models = pytest.importorskip("kdprune.models")
     torch.manual_seed(0)
     m = randomize(models.create_model("resnet20", num_classes=7), X)
-    prune_to_target(m, X[:1], Target(flops=0.6), mode="global")
+    prune_to_target(m, X[:1], Target(flops=0.6), mode=Global())
     apply_edit(m, {"op": "identity_block", "module": "layer3.2"}, X[:1])
     m.eval()
     d = save_pruned(m, tmp_path_factory.mktemp("zoo") / "r20")
@@ -213,7 +214,7 @@ def test_cuda_prune_mask_save_load(tmp_path):
     x = X.to(dev)
     m = randomize(make_user_net(), X).to(dev)
     groups = channel_groups(m, x[:1])
-    masks = attach_masks(m, groups, kind="gate")
+    masks = attach_masks(m, groups, kind=MaskKind.GATE)
     for g in groups:
         masks.set_mask(g, torch.arange(g.channels) % 3 != 0)
     gated = m(x)

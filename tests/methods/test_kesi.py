@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR
 
 import kdprune as kp
+from kdprune.distill import MeanKL, MeanProb
 from kdprune.engine import channel_groups
 from kdprune.methods import kesi as K
 from kdprune.methods.base import CompressContext
@@ -58,7 +59,8 @@ def test_stage_ratios_compound_per_stage():
     recipe, dense = K.KESI(stage_ratios=(0.1, 0.2, 0.3), rounds=3), complexity(model, example_input=x)
     assert recipe.target() is None
     stages = K.stage_index(model, x, channel_groups(model, x))
-    assert stages == {f"layer{s + 1}.{b}.conv1": s for s in range(3) for b in range(3)}
+    inner = {f"layer{s + 1}.{b}.conv1": s for s in range(3) for b in range(3)}
+    assert stages == {**inner, "conv1": 0, "layer2.0.conv2": 1, "layer3.0.conv2": 2}  # + option-A streams
     stream = _widths(model, "conv2")
     for _ in range(3):
         K.prune_round(recipe, model, x, None, dense)
@@ -142,17 +144,17 @@ def test_cli_builds_kesi_recipes(tmp_path):
     assert type(build_recipe(args)) is K.KESIPFEC
 
 
-def _closed_form(student: torch.Tensor, teachers: list[torch.Tensor], t: float, mode: str) -> torch.Tensor:
+def _closed_form(student: torch.Tensor, teachers: list[torch.Tensor], t: float, mode) -> torch.Tensor:
     q = torch.softmax(student / t, 1)
     ps = [torch.softmax(z / t, 1) for z in teachers]
-    if mode == "mean_kl":
+    if isinstance(mode, MeanKL):
         kls = [(p * (p.log() - q.log())).sum(1).mean() for p in ps]
         return t * t * sum(kls) / len(kls)
     pbar = sum(ps) / len(ps)
     return t * t * (pbar * (pbar.log() - q.log())).sum(1).mean()
 
 
-@pytest.mark.parametrize("mode", ["mean_kl", "mean_prob"])
+@pytest.mark.parametrize("mode", [MeanKL(), MeanProb()])
 def test_ensemble_kd_loss_closed_form(mode):
     torch.manual_seed(0)
     teachers = [nn.Linear(6, 5).double() for _ in range(3)]

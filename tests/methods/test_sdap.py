@@ -13,7 +13,7 @@ import kdprune as kp
 from kdprune.cli.compress_cmd import methods
 from kdprune.training.config_io import from_dict, to_tagged_dict
 from kdprune.distill import CETask, KDTask
-from kdprune.engine import ChannelGroup, Member, apply_plan, channel_groups, fold_gates_into_bn
+from kdprune.engine import ChannelGroup, Member, Uniform, apply_plan, channel_groups, fold_gates_into_bn
 from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import (
@@ -149,7 +149,7 @@ def test_fold_equals_gated_and_masked_equals_pruned(toy_data):
 @pytest.mark.parametrize("recipe, factory", [
     (SDAP(target_flops=0.5, finetune=FT), TinyNet32),
     (SDAP(target_params=0.4, finetune=FT, gate_l1=1e-3), TinyNet32),
-    (SDAP(target_flops=0.5, finetune=FT, mode="uniform"), TinyNet32),
+    (SDAP(target_flops=0.5, finetune=FT, mode=Uniform()), TinyNet32),
     (SDAP(target_params=0.5, finetune=FT, ramp_epochs=1), MiniResB),
 ])
 def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
@@ -205,7 +205,7 @@ def test_alpha_zero_uses_no_teacher(toy_data):
 
 def test_recipe_registration_validation_and_json():
     assert kp.recipes.SDAP is SDAP and methods()["sdap"] is SDAP
-    r = SDAP(target_params=0.3, ramp_epochs=2.5, mode="uniform", weight_by_cost=False)
+    r = SDAP(target_params=0.3, ramp_epochs=2.5, mode=Uniform(), weight_by_cost=False)
     assert from_dict(SDAP, json.loads(json.dumps(to_tagged_dict(r)))) == r
     for bad in ({"mode": "layer"}, {"alpha": 1.5}, {"round_to": 8}, {"ramp_epochs": -1}, {"min_width": 0}):
         with pytest.raises(ValueError):

@@ -1,15 +1,19 @@
-"""`kdprune compress` flags generated from the recipe dataclasses, so that a new method adds its
-name to METHODS and nothing else: every scalar field becomes a flag, every training stage
-(a TrainConfig field) gets ``--<stage>-epochs`` / ``--<stage>-lr``, and the help shows each
-method's real defaults."""
+"""`kdprune compress` flags generated from the recipe dataclasses, so that a new method registers
+its recipe under its CLI name (``@register_recipe`` in its own module) and nothing else: every
+scalar or choice field becomes a flag (``--mode global``), every training stage (a TrainConfig
+field) gets ``--<stage>-epochs`` / ``--<stage>-lr``, and the help shows each method's real
+defaults."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import pkgutil
 import types
 import typing
 from typing import Any
 
+from kdprune.registry import choice_name, choices_of
 from kdprune.training.config import TrainConfig
 
 # Fields that are no flag: the format version, and the main stage (the training flags set it).
@@ -20,15 +24,20 @@ RUN_WIDE = ("max_steps_per_epoch", "progress", "seed", "device", "threads", "bf1
 
 
 def methods() -> dict[str, type]:
-    """CLI method names -> recipe types (the one place a new method is named)."""
-    from kdprune import recipes
+    """CLI method names -> recipe types, as the method modules registered them."""
+    import kdprune.methods
+    from kdprune.methods.registry import RECIPES
 
-    return {"l1": recipes.L1Finetune, "groupnorm": recipes.GroupNorm, "kd": recipes.KDFinetune,
-            "kesi": recipes.KESI, "pfec": recipes.KESIPFEC, "sdap": recipes.SDAP}
+    for mod in pkgutil.iter_modules(kdprune.methods.__path__):  # each registers its own recipes
+        importlib.import_module(f"kdprune.methods.{mod.name}")
+    return {name: RECIPES.get(name) for name in RECIPES}
 
 
-def _scalar_type(tp: Any) -> tuple[type, bool] | None:
-    """(element type, is a list) of a flag-able field type, else None."""
+def _scalar_type(tp: Any) -> tuple[Any, bool] | None:
+    """(element type, is a list) of a flag-able field type, else None; a choice field (a union
+    of tagged types, an Enum) is its own element type."""
+    if choices_of(tp):
+        return tp, False
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _scalar_type(args[0]) if len(args) == 1 else None
@@ -97,12 +106,13 @@ def _flag_specs() -> dict[str, dict[str, Any]]:
         scalars = {k: v for k, v in scalars.items() if k not in taken}
         rec = cls()
         for field_name, (tp, is_list) in scalars.items():
-            spec = specs.setdefault(field_name, {"type": tp, "list": is_list, "methods": {}})
+            spec = specs.setdefault(field_name, {"type": tp, "list": is_list, "methods": {}, "choices": set()})
             spec["methods"][name] = getattr(rec, field_name)
+            spec["choices"] |= set(choices_of(tp))
         for stage in stages:
             for key, tp in ((f"{stage}_epochs", int), (f"{stage}_lr", float)):
                 if key not in scalars:
-                    spec = specs.setdefault(key, {"type": tp, "list": False, "methods": {}})
+                    spec = specs.setdefault(key, {"type": tp, "list": False, "methods": {}, "choices": set()})
                     cfg = getattr(rec, stage)
                     spec["methods"][name] = cfg.epochs if key.endswith("epochs") else cfg.optimizer.lr
     return specs
@@ -112,10 +122,19 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """One flag per recipe field (help: which methods take it, with their defaults)."""
     g = p.add_argument_group("method options (generated from the recipes; default per method)")
     for dest, spec in sorted(_flag_specs().items()):
+        where = ", ".join(f"{m}={_shown(v)}" for m, v in spec["methods"].items())
+        flag = "--" + dest.replace("_", "-")
+        if spec["choices"]:  # a typed choice by its name; from_dict maps the name to the type
+            g.add_argument(flag, dest=dest, type=str.lower, choices=sorted(spec["choices"]), help=f"({where})")
+            continue
         tp = _bool if spec["type"] is bool else spec["type"]
-        where = ", ".join(f"{m}={'unset' if v is None else v}" for m, v in spec["methods"].items())
-        g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, nargs="+" if spec["list"] else None,
+        g.add_argument(flag, dest=dest, type=tp, nargs="+" if spec["list"] else None,
                        metavar=spec["type"].__name__.upper(), help=f"({where})")
+
+
+def _shown(value: Any) -> str:
+    """A default as the help shows it: choices by their name."""
+    return "unset" if value is None else (choice_name(value) or str(value))
 
 
 def recipe_flag_dests() -> list[str]:

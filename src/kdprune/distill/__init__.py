@@ -5,6 +5,8 @@ never imports the pruning engine (``kdprune.engine``) or ``kdprune.methods``.
 """
 from kdprune.distill.features import FeatureTap, HintLoss
 from kdprune.distill.losses import (
+    MeanKL,
+    MeanProb,
     TeacherMode,
     ensemble_probs,
     kd_loss,
@@ -22,6 +24,8 @@ from kdprune.distill.teachers import (
 
 __all__ = [
     "TeacherMode",
+    "MeanKL",
+    "MeanProb",
     "kd_loss",
     "multi_teacher_kd_loss",
     "soft_targets",

@@ -12,16 +12,19 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TeacherMode = Literal["mean_kl", "mean_prob"]
+from kdprune.registry import check_choice, choice
 
 __all__ = [
     "TeacherMode",
+    "MeanKL",
+    "MeanProb",
     "soft_targets",
     "ensemble_probs",
     "kd_loss",
@@ -114,29 +117,49 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     return temperature**2 * _kl_from_log_probs(log_p_t, log_p_s)
 
 
+@choice("mean_kl")
+@dataclass(frozen=True)
+class MeanKL:
+    """Ensemble reduction: mean over teachers of ``kd_loss(student, teacher_i, T)``."""
+
+    def loss(self, student_logits: Tensor, teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:
+        """The multi-teacher soft loss (inputs already checked)."""
+        losses = [kd_loss(student_logits, t, temperature) for t in teacher_logits]
+        return torch.stack(losses).mean()
+
+
+@choice("mean_prob")
+@dataclass(frozen=True)
+class MeanProb:
+    """Ensemble reduction: ``T^2 * KL(mean_i p_i || p_s)``, distil the averaged soft targets."""
+
+    def loss(self, student_logits: Tensor, teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:
+        """The multi-teacher soft loss (inputs already checked)."""
+        log_p_s = _log_soft(student_logits, temperature)
+        log_p_bar = _ensemble_log_probs([t.detach() for t in teacher_logits], temperature)
+        return temperature**2 * _kl_from_log_probs(log_p_bar, log_p_s)
+
+
+TeacherMode = Union[MeanKL, MeanProb]
+
+
 def multi_teacher_kd_loss(
     student_logits: Tensor,
     teacher_logits: Sequence[Tensor],
     temperature: float = 4.0,
-    mode: TeacherMode = "mean_kl",
+    mode: TeacherMode = MeanKL(),
 ) -> Tensor:
     """Multi-teacher KD (You et al. 2017 / Hinton et al. 2015 ensembles), two reductions.
 
-    ``"mean_kl"``: mean over teachers of ``kd_loss(student, teacher_i, T)``.
-    ``"mean_prob"``: ``T^2 * KL(mean_i p_i || p_s)``, i.e. distil the averaged soft targets.
-    By Jensen, ``mean_prob <= mean_kl``; they coincide when all teachers agree.
+    ``MeanKL()``: mean over teachers of ``kd_loss(student, teacher_i, T)``.
+    ``MeanProb()``: ``T^2 * KL(mean_i p_i || p_s)``, i.e. distil the averaged soft targets.
+    By Jensen, ``MeanProb <= MeanKL``; they coincide when all teachers agree.
     """
     _check_temperature(temperature)
     _check_logits("student_logits", student_logits)
     _check_teachers(student_logits, teacher_logits)
-    if mode == "mean_kl":
-        losses = [kd_loss(student_logits, t, temperature) for t in teacher_logits]
-        return torch.stack(losses).mean()
-    if mode == "mean_prob":
-        log_p_s = _log_soft(student_logits, temperature)
-        log_p_bar = _ensemble_log_probs([t.detach() for t in teacher_logits], temperature)
-        return temperature**2 * _kl_from_log_probs(log_p_bar, log_p_s)
-    raise ValueError(f"unknown multi-teacher mode {mode!r}; expected 'mean_kl' or 'mean_prob'")
+    check_choice(mode, TeacherMode, "multi-teacher mode")
+    return mode.loss(student_logits, teacher_logits, temperature)
 
 
 def kd_objective(ce: Tensor, kd: Tensor, alpha: float) -> Tensor:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdprune.distill.features import FeatureTap, HintLoss
-from kdprune.distill.losses import TeacherMode, _check_temperature, kd_loss, multi_teacher_kd_loss
+from kdprune.distill.losses import MeanKL, TeacherMode, _check_temperature, kd_loss, multi_teacher_kd_loss
 from kdprune.distill.teachers import FrozenTeacher, is_frozen_teacher_module, unwrap_teacher
+from kdprune.registry import check_choice
 
 __all__ = ["Task", "CETask", "KDTask", "HintKDTask"]
 
@@ -79,13 +80,12 @@ class KDTask:
     temperature: float = 4.0
     alpha: float = 0.9
     label_smoothing: float = 0.0
-    teacher_mode: TeacherMode = "mean_kl"
+    teacher_mode: TeacherMode = MeanKL()
 
     def __post_init__(self) -> None:
         _check_temperature(self.temperature)
         _check_alpha(self.alpha)
-        if self.teacher_mode not in ("mean_kl", "mean_prob"):
-            raise ValueError(f"teacher_mode must be 'mean_kl' or 'mean_prob', got {self.teacher_mode!r}")
+        check_choice(self.teacher_mode, TeacherMode, "teacher_mode")
         self.teacher = _freeze(self.teacher)
 
     def _kd(self, logits: Tensor, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdprune.engine import Target
+from kdprune.registry import check_choice_fields
 from kdprune.training import SGD, Cosine, TrainConfig
 
 RECIPE_VERSION = 1
@@ -29,6 +30,9 @@ class PruneRecipe:
     round_to: int | None = None
     finetune: TrainConfig = field(default_factory=default_finetune)
     version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        check_choice_fields(self)  # typed choices (mode=Global()...): a name string fails here
 
     def target(self) -> Target:
         """The engine Target (validates: exactly one fraction in (0, 1))."""

@@ -6,25 +6,29 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from kdprune.distill import KDTask
-from kdprune.engine import channel_groups, prune_to_target
+from kdprune.engine import L1, L2, Allocation, Criterion, Global, Uniform, channel_groups, prune_to_target
+from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
 from kdprune.methods.base import CompressContext, PruneRecipe
-from kdprune.methods.registry import run_recipe
+from kdprune.methods.registry import register_recipe, run_recipe
+from kdprune.registry import choice_name
 from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
 
 
+@register_recipe("l1")
 @dataclass(frozen=True)
 class L1Finetune(PruneRecipe):
     """PFEC (Li et al. 2017): one-shot L1-norm filter pruning to the target, then fine-tune."""
 
-    mode: str = "uniform"
+    mode: Allocation = Uniform()
 
 
+@register_recipe("kd")
 @dataclass(frozen=True)
 class KDFinetune(PruneRecipe):
     """L1 pruning as in L1Finetune, fine-tuned with KD (Hinton et al. 2015) from the dense model."""
 
-    mode: str = "uniform"
+    mode: Allocation = Uniform()
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -34,6 +38,7 @@ def default_sparse() -> TrainConfig:
     return TrainConfig(epochs=3, optimizer=SGD(lr=0.01), schedule=Cosine())
 
 
+@register_recipe("groupnorm")
 @dataclass(frozen=True)
 class GroupNorm(PruneRecipe):
     """DepGraph (Fang et al. 2023): group-lasso sparse training on coupled groups, prune by group
@@ -41,15 +46,15 @@ class GroupNorm(PruneRecipe):
 
     reg: float = 5e-4
     sparse: TrainConfig = field(default_factory=default_sparse)
-    mode: str = "global"
+    mode: Allocation = Global()
 
 
-def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: str) -> dict:
+def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: Criterion) -> dict:
     model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
     rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance,
                           mode=recipe.mode, min_width=recipe.min_width, round_to=recipe.round_to)
-    return {"importance": rep.importance, "mode": rep.mode, "ratio": rep.ratio, "achieved": rep.achieved,
-            "flops_kept": rep.flops_kept, "params_kept": rep.params_kept, "channels_removed": rep.plan.num_removed}
+    return {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
+            "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept, "channels_removed": rep.plan.num_removed}
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:
@@ -60,14 +65,14 @@ def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=
 
 @run_recipe.register
 def _(recipe: L1Finetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    info = {"prune": _prune(model, recipe, ctx, "l1")}
+    info = {"prune": _prune(model, recipe, ctx, L1())}
     info["finetune"] = _finetune(model, recipe, ctx)
     return model, info
 
 
 @run_recipe.register
 def _(recipe: KDFinetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    info = {"prune": _prune(model, recipe, ctx, "l1")}
+    info = {"prune": _prune(model, recipe, ctx, L1())}
     task = KDTask(ctx.dense, temperature=recipe.temperature, alpha=recipe.alpha,
                   label_smoothing=recipe.finetune.label_smoothing)
     info["finetune"] = _finetune(model, recipe, ctx, task)
@@ -90,7 +95,7 @@ def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Mod
     sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse, "sparse"),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
                    callbacks=[GroupLasso(groups, recipe.reg)], save_model=False)
-    info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, "l2")}
+    info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, L2())}
     info["finetune"] = _finetune(model, recipe, ctx)
     return model, info
 

@@ -18,11 +18,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from kdprune.distill import EnsembleTeacher, KDTask, ensemble_probs
+from kdprune.distill import EnsembleTeacher, KDTask, MeanKL, TeacherMode, ensemble_probs
 from kdprune.engine import (
+    L1,
+    Allocation,
     ChannelGroup,
     PruningPlan,
     Target,
+    Uniform,
     apply_plan,
     channel_groups,
     importance_scores,
@@ -31,7 +34,7 @@ from kdprune.engine import (
 )
 from kdprune.io import load_pruned, save_pruned
 from kdprune.methods.base import CompressContext, PruneRecipe
-from kdprune.methods.registry import run_recipe
+from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Complexity, complexity
 from kdprune.training import SGD, Adam, Constant, OneCycle, TrainConfig, evaluate, resolve_device, train
 from kdprune.utils.dist import barrier, is_main_process
@@ -80,6 +83,7 @@ def _override(cfg: TrainConfig, epochs: int | None, lr: float | None) -> TrainCo
     return cfg
 
 
+@register_recipe("kesi")
 @dataclass(frozen=True)
 class KESI(PruneRecipe):
     """KESI (Le, Vo, Thoai, BMVC 2020): iterative L1 pruning with one-cycle restarts, then
@@ -96,7 +100,7 @@ class KESI(PruneRecipe):
     rounds: int = 5
     stage_ratios: tuple[float, ...] | None = None
     keep_residual: bool = True
-    mode: str = "uniform"
+    mode: Allocation = Uniform()
     finetune: TrainConfig = field(default_factory=default_retrain)
     retrain_epochs: int | None = None
     max_lr: float | None = None
@@ -105,7 +109,7 @@ class KESI(PruneRecipe):
     distill_lr: float | None = None
     temperature: float = 5.0
     alpha: float = 1.0
-    teacher_mode: str = "mean_kl"
+    teacher_mode: TeacherMode = MeanKL()
     include_base: bool = True
     include_last: bool = True
 
@@ -136,8 +140,6 @@ class KESI(PruneRecipe):
             raise ValueError(f"KESI.stage_ratios must be fractions in [0, 1), got {self.stage_ratios}")
         if self.stage_ratios is not None and len(self.stage_ratios) == 0:
             raise ValueError("KESI.stage_ratios must not be empty")
-        if self.teacher_mode not in ("mean_kl", "mean_prob"):
-            raise ValueError(f"KESI.teacher_mode must be 'mean_kl' or 'mean_prob', got {self.teacher_mode!r}")
         if self.distill_epochs is not None and self.distill_epochs < 0:
             raise ValueError(f"KESI.distill_epochs must be >= 0, got {self.distill_epochs}")
         if self.distill_config() is not None and not self.include_base and not self.include_last \
@@ -145,6 +147,7 @@ class KESI(PruneRecipe):
             raise ValueError("KESI: no teachers (rounds=1 with include_base=False, include_last=False)")
 
 
+@register_recipe("pfec")
 @dataclass(frozen=True)
 class KESIPFEC(KESI):
     """PFEC as compared in Le, Vo, Thoai (BMVC 2020): the same iterative L1 rounds, each
@@ -184,12 +187,12 @@ def stage_plan(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup]
                ratios: Sequence[float], min_width: int = 1, round_to: int | None = None) -> PruningPlan:
     """PFEC per-stage plan: remove the ``ratios[stage]`` lowest-L1 filters of each group."""
     stages = stage_index(model, x, groups)
-    scores = importance_scores(model, groups, "l1")
+    scores = importance_scores(model, groups, L1())
     removals: dict[str, tuple[int, ...]] = {}
     for s in sorted(set(stages.values())):
         members = [g for g in groups if stages[g.root] == s]
         ratio = ratios[min(s, len(ratios) - 1)]
-        removals.update(plan_pruning(members, scores, ratio, "uniform", min_width, round_to).removals)
+        removals.update(plan_pruning(members, scores, ratio, Uniform(), min_width, round_to).removals)
     return PruningPlan(removals)
 
 
@@ -215,7 +218,7 @@ def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | N
         rel = goal * _metric(dense, recipe) / _metric(complexity(model, example_input=x), recipe)
         if rel < 1.0:
             key = "flops" if recipe.target_flops is not None else "params"
-            rep = prune_to_target(model, x, Target(**{key: rel}), importance="l1", mode=recipe.mode,
+            rep = prune_to_target(model, x, Target(**{key: rel}), importance=L1(), mode=recipe.mode,
                                   min_width=recipe.min_width, round_to=recipe.round_to,
                                   ignored_layers=sorted(skip))
             removed = rep.plan.num_removed
@@ -308,7 +311,7 @@ def ensemble_members(recipe: KESI, snapshots: Sequence[nn.Module],
 
 def ensemble_task(recipe: KESI, teachers: Sequence[nn.Module], label_smoothing: float = 0.0) -> KDTask:
     """KD from the frozen snapshot ensemble: alpha * mean_n T^2 KL(p_n || p_s) (batchmean), or
-    T^2 KL(mean_n p_n || p_s) with teacher_mode="mean_prob", plus (1 - alpha) * CE."""
+    T^2 KL(mean_n p_n || p_s) with teacher_mode=MeanProb(), plus (1 - alpha) * CE."""
     return KDTask(EnsembleTeacher(list(teachers)), temperature=recipe.temperature, alpha=recipe.alpha,
                   label_smoothing=label_smoothing, teacher_mode=recipe.teacher_mode)
 

@@ -14,27 +14,38 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from kdprune.distill import CETask, KDTask
 from kdprune.engine import (
+    TOLERANCE,
+    Allocation,
+    Bisection,
+    BudgetFit,
+    BudgetMeter,
     ChannelGroup,
+    Global,
+    MaskKind,
     MaskSet,
     Member,
     PruningPlan,
+    Refine,
     Target,
+    Uniform,
     apply_plan,
     attach_masks,
+    bisect_budget,
     channel_groups,
     fold_gates_into_bn,
+    plan_key,
     plan_pruning,
+    search_budget,
 )
-from kdprune.engine.target import TOLERANCE
 from kdprune.methods.base import CompressContext, PruneRecipe
-from kdprune.methods.registry import run_recipe
+from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import complexity, layer_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
 
@@ -42,8 +53,10 @@ __all__ = ["SDAP", "SDAPController", "GateSchedule", "cubic_rate", "channel_cost
            "protected_channels", "keep_to_plan", "prepare", "sdap_task", "fold_and_remove",
            "default_sdap_train"]
 
-MODES = ("global", "uniform")
-_SEARCH_STEPS = 30  # bisection halvings of the rate: far finer than one channel's share
+# The final rate: 30 halvings (far finer than one channel's share), keeping the closer bracket end;
+# then single-channel moves or cross-group swaps (ours) for coarse networks.
+_BISECTION = Bisection(steps=30, first_within=False)
+_REFINE = Refine(rounds=16)
 
 
 def default_sdap_train() -> TrainConfig:
@@ -51,6 +64,7 @@ def default_sdap_train() -> TrainConfig:
     return TrainConfig(epochs=10, optimizer=SGD(lr=0.01), schedule=Cosine())
 
 
+@register_recipe("sdap")
 @dataclass(frozen=True)
 class SDAP(PruneRecipe):
     """SDAP (Diao et al., Pattern Recognition 2024): gated channels masked on a cubic global-rate
@@ -61,12 +75,11 @@ class SDAP(PruneRecipe):
     temperature: float = 4.0
     alpha: float = 0.9
     gate_l1: float = 0.0
-    mode: str = "global"
+    mode: Allocation = Global()
     weight_by_cost: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"SDAP.mode must be one of {MODES}, got {self.mode!r}")
+        super().__post_init__()
         if self.ramp_epochs < 0:
             raise ValueError(f"SDAP.ramp_epochs must be >= 0, got {self.ramp_epochs}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -154,27 +167,36 @@ def keep_to_plan(keep: Mapping[str, torch.Tensor]) -> PruningPlan:
     return PruningPlan({r: (~k).nonzero().flatten().tolist() for r, k in keep.items() if not k.all()})
 
 
+def _apply_keep(model: nn.Module, x: torch.Tensor, keep: Mapping[str, torch.Tensor]) -> None:
+    apply_plan(model, x, keep_to_plan(keep))
+
+
+def _keep_key(keep: Mapping[str, torch.Tensor]) -> tuple:
+    return plan_key(keep_to_plan(keep))
+
+
 class SDAPController:
     """Masks for a rate (global or uniform) and the kept fraction after physical removal, measured
-    with the engine on a gate-free copy (memoised per plan)."""
+    by the engine's budget service on a gate-free copy (memoised per plan)."""
 
     def __init__(self, skeleton: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor,
-                 target: Target, mode: str = "global", min_width: int = 1, weight_by_cost: bool = True) -> None:
+                 target: Target, mode: Allocation = Global(), min_width: int = 1,
+                 weight_by_cost: bool = True) -> None:
         self.skeleton, self.groups, self.x, self.target = skeleton, list(groups), example_input, target
         self.mode, self.min_width = mode, min_width
         metric = target.metric
         costs = channel_costs(skeleton, self.groups, metric, example_input) if weight_by_cost else None
         self.weights = costs or {g.root: torch.ones(g.channels, dtype=torch.float64) for g in self.groups}
-        self.dense_complexity = complexity(skeleton, example_input=example_input)
+        self.meter = BudgetMeter(skeleton, example_input, target, _apply_keep, _keep_key, max_cache=4096)
+        self.dense_complexity = self.meter.dense
         self.dense = float(getattr(self.dense_complexity, metric))
-        self._cache: dict[tuple, float] = {}
 
     def keep_for(self, rate: float, gate_abs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keep masks (True = keep) for masked rate ``rate`` given the gate magnitudes."""
-        if self.mode == "global":
+        if isinstance(self.mode, Global):
             return global_keep(self.groups, gate_abs, self.weights, rate, self.min_width)
         scores = {r: v.detach().float().cpu() for r, v in gate_abs.items()}
-        plan = plan_pruning(self.groups, scores, min(max(rate, 0.0), 1.0), "uniform", self.min_width)
+        plan = plan_pruning(self.groups, scores, min(max(rate, 0.0), 1.0), Uniform(), self.min_width)
         keep = {g.root: torch.ones(g.channels, dtype=torch.bool) for g in self.groups}
         for root, idxs in plan.items():
             keep[root][list(idxs)] = False
@@ -182,32 +204,12 @@ class SDAPController:
 
     def kept(self, keep: Mapping[str, torch.Tensor]) -> float:
         """Kept fraction of the target metric once the masked channels are physically removed."""
-        plan = keep_to_plan(keep)
-        key = tuple(sorted((r, tuple(v)) for r, v in plan.items()))
-        if not key:
-            return 1.0
-        if key not in self._cache:
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            with torch.random.fork_rng(devices=[]):  # tracing must not move the run's RNG
-                pruned = copy.deepcopy(self.skeleton)
-                apply_plan(pruned, self.x, plan)
-                c = complexity(pruned, example_input=self.x)
-            self._cache[key] = float(getattr(c, self.target.metric)) / self.dense
-        return self._cache[key]
+        return self.meter.kept(keep)
 
     def search(self, gate_abs: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """Bisection for the final rate whose masks keep the target fraction: (rate, kept)."""
-        goal = self.target.value
-        lo, hi = 0.0, 1.0
-        k_lo, k_hi = 1.0, self.kept(self.keep_for(hi, gate_abs))
-        if k_hi >= goal:
-            return hi, k_hi
-        for _ in range(_SEARCH_STEPS):
-            mid = (lo + hi) / 2
-            k = self.kept(self.keep_for(mid, gate_abs))
-            lo, k_lo, hi, k_hi = (mid, k, hi, k_hi) if k > goal else (lo, k_lo, mid, k)
-        return (lo, k_lo) if abs(k_lo - goal) <= abs(k_hi - goal) else (hi, k_hi)
+        fit = bisect_budget(self.meter, lambda r: self.keep_for(r, gate_abs), _BISECTION)
+        return fit.t, fit.best.kept
 
     def _move(self, keep: Mapping[str, torch.Tensor], gate_abs: Mapping[str, torch.Tensor],
               g: ChannelGroup, mask_more: bool) -> dict[str, torch.Tensor] | None:
@@ -224,53 +226,34 @@ class SDAPController:
         return out
 
     def _neighbours(self, keep: Mapping[str, torch.Tensor], gate_abs: Mapping[str, torch.Tensor],
-                    over: bool, pairs: bool) -> list[dict[str, torch.Tensor]]:
-        """Single moves towards the target; with ``pairs``, each followed by one opposite move
-        in another group (a swap, for steps finer than any single channel)."""
+                    over: bool) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Tiers of moves towards the target: single moves, then (only when asked for) each single
+        move followed by one opposite move in another group (a swap, finer than any one channel)."""
         singles = [(g, c) for g in self.groups if (c := self._move(keep, gate_abs, g, over)) is not None]
-        if not pairs:
-            return [c for _, c in singles]
-        return [c2 for g, c in singles for h in self.groups
-                if h.root != g.root and (c2 := self._move(c, gate_abs, h, not over)) is not None]
+        yield [c for _, c in singles]
+        yield [c2 for g, c in singles for h in self.groups
+               if h.root != g.root and (c2 := self._move(c, gate_abs, h, not over)) is not None]
 
-    def refine(self, keep: Mapping[str, torch.Tensor], gate_abs: Mapping[str, torch.Tensor],
-               rounds: int = 16) -> tuple[dict[str, torch.Tensor], float]:
-        """Greedy local search (ours) for coarse networks: mask/unmask single channels (or swap
-        two across groups) while that brings the kept fraction closer to the target."""
-        goal, best = self.target.value, dict(keep)
-        err = abs(self.kept(best) - goal)
-        for _ in range(rounds):
-            if err <= TOLERANCE:
-                break
-            for pairs in (False, True):
-                cands = self._neighbours(best, gate_abs, self.kept(best) > goal, pairs)
-                scored = [(abs(self.kept(c) - goal), i) for i, c in enumerate(cands)]
-                if scored and min(scored)[0] < err:
-                    err, i = min(scored)
-                    best = cands[i]
-                    break
-            else:
-                break
-        return best, self.kept(best)
+    def fit(self, gate_abs: Mapping[str, torch.Tensor]) -> BudgetFit:
+        """The budget service's fit for these gates: the searched rate's masks, refined by single
+        moves or cross-group swaps (ours, for coarse networks) if they miss by > 1%."""
+        return search_budget(self.meter, lambda r: self.keep_for(r, gate_abs),
+                             lambda k, over: self._neighbours(k, gate_abs, over), _BISECTION, _REFINE)
 
     def best_keep(self, gate_abs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float, float]:
-        """Final masks for these gates: the searched rate's masks, refined if they miss by > 1%."""
-        rate, kept = self.search(gate_abs)
-        keep = self.keep_for(rate, gate_abs)
-        if abs(kept - self.target.value) > TOLERANCE:
-            keep, kept = self.refine(keep, gate_abs)
-        return keep, rate, kept
+        """Final masks for these gates, the rate they came from and their kept fraction."""
+        fit = self.fit(gate_abs)
+        return fit.best.candidate, fit.t, fit.best.kept
 
     def check_reachable(self, gate_abs: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """Search once and raise ValueError if the target cannot be met within 1%."""
-        _, rate, kept = self.best_keep(gate_abs)
-        if abs(kept - self.target.value) > TOLERANCE:
-            floor = self.kept(self.keep_for(1.0, gate_abs))
+        fit = self.fit(gate_abs)
+        if not fit.met:
             raise ValueError(
                 f"SDAP: {self.target.metric} target {self.target.value} cannot be met within "
-                f"{TOLERANCE:.0%} (closest kept fraction {kept:.4f}, smallest reachable {floor:.4f} "
-                f"under min_width={self.min_width}); choose another target or min_width")
-        return rate, kept
+                f"{TOLERANCE:.0%} (closest kept fraction {fit.best.kept:.4f}, smallest reachable "
+                f"{fit.floor.kept:.4f} under min_width={self.min_width}); choose another target or min_width")
+        return fit.t, fit.best.kept
 
 
 def _gate_abs(masks: MaskSet) -> dict[str, torch.Tensor]:
@@ -388,7 +371,7 @@ def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor) -> tupl
     ctl = SDAPController(skeleton, groups, x, recipe.target(), recipe.mode, recipe.min_width,
                          recipe.weight_by_cost)
     ctl.check_reachable({g.root: torch.ones(g.channels) for g in groups})
-    masks = attach_masks(model, groups, kind="gate", init=1.0)
+    masks = attach_masks(model, groups, kind=MaskKind.GATE, init=1.0)
     return masks, GateSchedule(masks, ctl, recipe.ramp_epochs, recipe.gate_l1)
 
 

@@ -1,13 +1,13 @@
 """Training: typed configs, the loop (DDP, resume, progress), evaluation, checkpoints."""
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
-from kdprune.training.config import SGD, Adam, AdamW, Constant, Cosine, OneCycle, Step, TrainConfig
+from kdprune.training.config import SGD, Adam, AdamW, Anneal, Constant, Cosine, OneCycle, Step, TrainConfig
 from kdprune.training.evaluate import evaluate
 from kdprune.training.loop import TrainResult, check_input_compat, resolve_device, train
 from kdprune.training.params import param_groups
 from kdprune.training.runner import TaskModule
 
 __all__ = [
-    "Adam", "AdamW", "Callback", "Constant", "Cosine", "LoopState", "OneCycle", "SGD", "Step",
+    "Adam", "AdamW", "Anneal", "Callback", "Constant", "Cosine", "LoopState", "OneCycle", "SGD", "Step",
     "StopTraining", "TaskModule", "TrainConfig", "TrainResult", "check_input_compat", "evaluate", "param_groups",
     "resolve_device", "train",
 ]

@@ -1,10 +1,14 @@
 """Typed training configs: optimizers, schedules and the TrainConfig that holds them."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Union
 
+from kdprune.registry import check_choice, choice
 
+
+@choice("sgd")
 @dataclass(frozen=True)
 class SGD:
     """SGD with momentum (the CIFAR-ResNet default)."""
@@ -15,6 +19,7 @@ class SGD:
     nesterov: bool = False
 
 
+@choice("adam")
 @dataclass(frozen=True)
 class Adam:
     """Adam (L2 weight decay added to the gradient)."""
@@ -24,6 +29,7 @@ class Adam:
     weight_decay: float = 0.0
 
 
+@choice("adamw")
 @dataclass(frozen=True)
 class AdamW:
     """AdamW (decoupled weight decay)."""
@@ -33,6 +39,7 @@ class AdamW:
     weight_decay: float = 1e-2
 
 
+@choice("constant")
 @dataclass(frozen=True)
 class Constant:
     """Constant learning rate, with optional linear warm-up."""
@@ -40,6 +47,7 @@ class Constant:
     warmup_epochs: float = 0.0
 
 
+@choice("step")
 @dataclass(frozen=True)
 class Step:
     """Multiply the LR by `gamma` at each milestone, given as fractions of the run."""
@@ -49,6 +57,7 @@ class Step:
     warmup_epochs: float = 0.0
 
 
+@choice("cosine")
 @dataclass(frozen=True)
 class Cosine:
     """Cosine decay to `min_lr` over the run, per batch, with optional linear warm-up."""
@@ -57,6 +66,15 @@ class Cosine:
     warmup_epochs: float = 0.0
 
 
+class Anneal(str, enum.Enum):
+    """OneCycle's annealing curve; the value is torch's ``anneal_strategy`` (a str Enum, so run
+    records written as JSON keep the plain name)."""
+
+    COS = "cos"
+    LINEAR = "linear"
+
+
+@choice("onecycle")
 @dataclass(frozen=True)
 class OneCycle:
     """torch.optim.lr_scheduler.OneCycleLR, stepped per batch; `max_lr` None = optimizer lr."""
@@ -65,7 +83,10 @@ class OneCycle:
     pct_start: float = 0.3
     div_factor: float = 25.0
     final_div_factor: float = 1e4
-    anneal_strategy: str = "cos"
+    anneal_strategy: Anneal = Anneal.COS
+
+    def __post_init__(self) -> None:
+        check_choice(self.anneal_strategy, Anneal, "OneCycle.anneal_strategy")
 
 
 OptimizerConfig = Union[SGD, Adam, AdamW]

@@ -1,7 +1,10 @@
-"""Typed configs <-> plain dicts (JSON/YAML, the CLI, run records). Names map to types only here."""
+"""Typed configs <-> plain dicts (JSON/YAML, the CLI, run records). Names map to types only here:
+a choice field (a union of tagged types such as the optimizer, ``mode: global``, or an Enum) is
+read from its name or ``{type: name, **fields}`` through kdprune.registry's choice tags."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -9,23 +12,21 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kdprune.registry import choice_name, choices_of
 from kdprune.training.config import SGD, Adam, AdamW, Constant, Cosine, OneCycle, Step
 
 T = TypeVar("T")
 
-# A union field (optimizer, schedule, recipe...) is written as {"type": name, **fields}.
-UNION_NAMES: dict[str, type] = {
-    "sgd": SGD, "adam": Adam, "adamw": AdamW,
-    "constant": Constant, "step": Step, "cosine": Cosine, "onecycle": OneCycle,
-}
+# The optimizer and schedule choices by name (the training flags look them up here).
+UNION_NAMES: dict[str, type] = {choice_name(c): c for c in (SGD, Adam, AdamW, Constant, Step, Cosine, OneCycle)}
 
 
 def type_name(cls: type) -> str:
-    """The registered name of a config type."""
-    for name, c in UNION_NAMES.items():
-        if c is cls:
-            return name
-    raise KeyError(f"{cls.__name__} is not a registered config type")
+    """The YAML/CLI name of a config choice type."""
+    name = choice_name(cls)
+    if name is None:
+        raise KeyError(f"{cls.__name__} is not a registered config type")
+    return name
 
 
 def to_tagged_dict(cfg: Any) -> dict[str, Any]:
@@ -33,9 +34,13 @@ def to_tagged_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            tagged = type(v) in UNION_NAMES.values()  # union members need their type to read back
+        if dataclasses.is_dataclass(v) and choice_name(v) is not None and not dataclasses.fields(v):
+            v = choice_name(v)  # a choice without options is just its name (`mode: global`)
+        elif dataclasses.is_dataclass(v):
+            tagged = choice_name(v) is not None  # union members need their type to read back
             v = {"type": type_name(type(v)), **to_tagged_dict(v)} if tagged else to_tagged_dict(v)
+        elif isinstance(v, enum.Enum):
+            v = v.value
         elif isinstance(v, tuple):
             v = list(v)
         out[f.name] = v
@@ -65,8 +70,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 raise ValueError(f"{where}: may not be empty (null)")
             return None
         if all(dataclasses.is_dataclass(m) for m in members):
-            return _from_tagged(value, where)
+            return _from_tagged(tp, value, where)
         return _coerce(members[0], value, where) if len(members) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum(tp, value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict) and not dataclasses.is_dataclass(value):
             raise ValueError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -108,17 +115,30 @@ def merge_tagged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _from_tagged(value: Any, where: str) -> Any:
+def _from_tagged(tp: Any, value: Any, where: str) -> Any:
+    """A union field's value from its name or {"type": name, **fields}, among tp's members only."""
     if dataclasses.is_dataclass(value):
         return value
     if isinstance(value, str):
         value = {"type": value}
     if not isinstance(value, dict) or "type" not in value:
         raise ValueError(f"{where}: expected a name or a mapping with 'type', got {value!r}")
-    name = value["type"]
-    if name not in UNION_NAMES:
-        raise ValueError(f"{where}: unknown type {name!r}; known: {', '.join(sorted(UNION_NAMES))}")
-    return from_dict(UNION_NAMES[name], {k: v for k, v in value.items() if k != "type"}, where)
+    options, name = choices_of(tp), value["type"]
+    key = name.lower() if isinstance(name, str) else name
+    if key not in options:
+        raise ValueError(f"{where}: unknown type {name!r}; choose one of {', '.join(sorted(options))}")
+    return from_dict(options[key], {k: v for k, v in value.items() if k != "type"}, where)
+
+
+def _enum(tp: type[enum.Enum], value: Any, where: str) -> enum.Enum:
+    """An Enum field from its value's name (``anneal_strategy: cos``)."""
+    if isinstance(value, tp):
+        return value
+    options = choices_of(tp)
+    key = value.lower() if isinstance(value, str) else value
+    if key not in options:
+        raise ValueError(f"{where}: unknown choice {value!r}; choose one of {', '.join(sorted(options))}")
+    return options[key]
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -79,5 +79,5 @@ def _(cfg: OneCycle, opt, steps_per_epoch: int, epochs: int) -> LRScheduler:
     return OneCycleLR(
         opt, max_lr=max_lr, total_steps=steps_per_epoch * epochs, pct_start=cfg.pct_start,
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
-        anneal_strategy=cfg.anneal_strategy,
+        anneal_strategy=cfg.anneal_strategy.value,
     )
