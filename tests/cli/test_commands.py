@@ -66,5 +66,5 @@ def test_compress_then_eval(tmp_path, capsys):
 def test_info_groups_reports_coverage(capsys):
     assert main(["info", "--model", "resnet20", "--groups"]) == 0
     text = capsys.readouterr().out
-    assert "coupled to channel barrier layer2.0.shortcut" in text and "classifier output" in text
-    assert "9 of 20 conv/linear layers can be narrowed" in text  # option A: the inner convs only
+    assert "in the group of conv1" in text and "classifier output" in text  # the option-A stream
+    assert "19 of 20 conv/linear layers can be narrowed" in text  # the index-placing shortcut

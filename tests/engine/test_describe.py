@@ -4,7 +4,7 @@ import torch
 
 from kdprune.engine import channel_groups, describe
 
-from .tiny_models import ChainNet, DualPath, GroupedNet, MiniRes, UserNet, randomize
+from .tiny_models import ChainNet, DualPath, GroupedNet, MiniRes, MultiplierNet, UserNet, randomize
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -27,12 +27,12 @@ def test_prunable_layers_are_exactly_the_out_members_of_channel_groups(make):
 
 def test_reasons_name_the_cause_and_the_model_is_untouched():
     torch.manual_seed(0)
-    model = randomize(GroupedNet(), X)
+    model = randomize(MultiplierNet(), X)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = _by_name(describe(model, X[:1]))
     assert rows["fc"].reason == "classifier output" and not rows["fc"].prunable
-    assert "grouped conv g.0" in rows["a.0"].reason and not rows["a.0"].prunable
-    assert rows["b.0"].prunable and rows["b.0"].reason == "group root"
+    assert "grouped conv g.0 ties all 8 channels" in rows["a.0"].reason and not rows["a.0"].prunable
+    assert rows["g.0"].prunable and rows["b.0"].prunable and rows["b.0"].reason == "group root"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
     chain = _by_name(describe(ChainNet(), X[:1], ignored_layers=["conv2"]))
     assert chain["conv2"].reason == "ignored by the caller" and chain["conv1"].prunable

@@ -111,9 +111,16 @@ def test_option_a_pruning_equivalent():
 def test_option_a_zoo_resnet_groups():
     models = pytest.importorskip("kdprune.models")
     m = models.create_model("resnet20", shortcut="A")
-    groups = channel_groups(m, X)
-    assert names(groups) == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    groups = {g.root: g for g in channel_groups(m, X)}
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert sorted(groups) == sorted(inner + ["conv1", "layer2.0.conv2", "layer3.0.conv2"])
     assert find_barriers(m, X) == ["layer2.0.shortcut", "layer3.0.shortcut"]
+    # The zero-pad shortcuts are channel placers: each stream is its own group, the shortcut's
+    # input in the stream before it and its output (a mask site) in the stream after it.
+    kinds = {(mm.name, mm.role): mm.kind for mm in groups["layer2.0.conv2"].members}
+    assert kinds[("layer2.0.shortcut", "out")] == "place"
+    assert "layer2.0.shortcut" in groups["layer2.0.conv2"].sites
+    assert any(mm.name == "layer2.0.shortcut" and mm.role == "in" for mm in groups["conv1"].members)
 
 
 class Tagged(nn.Module):
@@ -142,8 +149,12 @@ def test_barrier_hook_attribute():
     assert names(channel_groups(m, X)) == ["b", "c"]  # a's channels flow into the barrier
 
 
-def test_grouped_conv_groups_excluded_and_depthwise_kept():
-    assert names(channel_groups(GroupedNet(), X)) == ["b.0"]
+def test_grouped_conv_groups_are_tied_and_depthwise_kept():
+    groups = {g.root: g for g in channel_groups(GroupedNet(), X)}
+    assert sorted(groups) == ["a.0", "b.0", "g.0"]
+    # groups=2 over 8 channels: channel i goes with i + 4 (same position in both conv groups)
+    assert groups["a.0"].ties == ((0, 4), (1, 5), (2, 6), (3, 7)) == groups["g.0"].ties
+    assert groups["b.0"].ties == () and groups["b.0"].tie_size == 1
     groups = {g.root: g for g in channel_groups(UserNet(), X)}
     dw = groups["dw.0"]  # depthwise conv couples both concat branches into one group
     kinds = {mm.name: mm.kind for mm in dw.members}

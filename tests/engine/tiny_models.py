@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune.engine import ChannelGroup, PruningPlan
+from kdprune.engine.graph import is_placer
 
 
 def cbr(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -111,13 +112,29 @@ def make_user_net() -> UserNet:
 
 
 class GroupedNet(nn.Module):
-    """A non-depthwise grouped conv (groups=2): groups touching it must stay unpruned."""
+    """A non-depthwise grouped conv (groups=2): its groups are pruned in tie classes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = cbr(3, 8)
         self.g = cbr(8, 8, groups=2)
         self.b = cbr(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.g(self.a(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MultiplierNet(nn.Module):
+    """A depthwise conv with a channel multiplier (groups=in=8, out=16): its input channels are
+    all tied (each is a conv group of its own), its outputs prune by lowering the multiplier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.g = cbr(8, 16, groups=8)
+        self.b = cbr(16, 8)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,13 +177,15 @@ def randomize(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
 
 
 def random_plan(groups: Sequence[ChannelGroup], seed: int = 0, max_frac: float = 0.75) -> PruningPlan:
-    """Each group loses a random subset (at most max_frac of it, at least one channel kept)."""
+    """Each group loses a random subset (at most max_frac of it, at least one channel kept), in
+    whole tie classes where grouped convs tie channels."""
     g = torch.Generator().manual_seed(seed)
     removals = {}
     for grp in groups:
-        k = int(torch.randint(0, int(max_frac * grp.channels) + 1, (1,), generator=g))
-        k = min(k, grp.channels - 1)
-        removals[grp.root] = torch.randperm(grp.channels, generator=g)[:k].tolist()
+        classes = grp.ties or tuple((i,) for i in range(grp.channels))
+        k = int(torch.randint(0, int(max_frac * len(classes)) + 1, (1,), generator=g))
+        k = min(k, len(classes) - 1)
+        removals[grp.root] = [i for c in torch.randperm(len(classes), generator=g)[:k].tolist() for i in classes[c]]
     return PruningPlan(removals)
 
 
@@ -181,6 +200,10 @@ def zero_removed(model: nn.Module, groups: Sequence[ChannelGroup], plan: Pruning
             member = grp.member(site)
             local = [i for i, r in zip(member.idxs, member.root_idxs) if r in removed]
             mod = ref.get_submodule(site)
+            if is_placer(mod):
+                if local:
+                    mod.kdprune_zero_outputs(local)
+                continue
             mod.weight[local] = 0
             if mod.bias is not None:
                 mod.bias[local] = 0

@@ -1,8 +1,11 @@
-"""Pruning engine: DepGraph channel groups, importance, allocation, FLOPs/params targets,
-physical removal, soft masks and the structure log. Never imports kdprune.distill/methods."""
-from kdprune.engine.allocate import MODES, PruningPlan, plan_pruning, round_width
+"""Pruning engine: DepGraph channel groups, importance, allocation, the budget service (FLOPs/params
+targets over any family of edits), physical removal, soft masks and the structure log. Never
+imports kdprune.distill/methods."""
+from kdprune.engine.allocate import MODES, Allocation, Global, PruningPlan, Uniform, plan_pruning, round_width
 from kdprune.engine.graph import (
     BARRIER_ATTR,
+    TRACE_TIMEOUT_S,
+    TraceTimeout,
     ChannelGroup,
     Member,
     build_graph,
@@ -11,10 +14,12 @@ from kdprune.engine.graph import (
     find_barriers,
     tp_group,
 )
-from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, residual_blocks, residual_parts
-from kdprune.engine.describe import LayerCoverage, describe
-from kdprune.engine.importance import IMPORTANCE, importance_scores
-from kdprune.engine.masks import MaskSet, attach_masks, fold_gates_into_bn, masks_to_plan, zero_channels
+from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, checked_parts, residual_blocks, residual_parts
+from kdprune.engine.discover import POST_FUNCTIONS, BlockScan, discover_block, discover_blocks, scan_blocks
+from kdprune.engine.decompose import DecomposedConv, RankCost, decomposed_convs, decomposition_cost, merge_is_cheaper
+from kdprune.engine.describe import LayerCoverage, coverage_summary, describe
+from kdprune.engine.importance import IMPORTANCE, L1, L2, BNScale, Criterion, Random, Taylor, importance_scores
+from kdprune.engine.masks import MaskKind, MaskSet, attach_masks, fold_gates_into_bn, masks_to_plan, zero_channels
 from kdprune.engine.prune import MaskedModelError, apply_channel_edits, apply_plan, prune_channels_edit
 from kdprune.engine.structure import (
     EDIT_OPS,
@@ -27,17 +32,36 @@ from kdprune.engine.structure import (
     register_edit,
     replay,
 )
+from kdprune.engine.budget import (
+    TOLERANCE,
+    Bisection,
+    BudgetError,
+    BudgetFit,
+    BudgetMeter,
+    Measured,
+    Refine,
+    bisect_budget,
+    fit_budget,
+    plan_key,
+    refine_budget,
+    search_budget,
+)
 from kdprune.engine.target import PruneReport, Target, prune_to_target
 
 __all__ = [
-    "MODES", "PruningPlan", "plan_pruning", "round_width",
+    "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width",
     "BARRIER_ATTR", "ChannelGroup", "Member", "build_graph", "channel_groups", "classifier_layers",
-    "find_barriers", "tp_group",
-    "IMPORTANCE", "importance_scores", "LayerCoverage", "describe",
-    "RemoveBlock", "ShortcutOnly", "residual_blocks", "residual_parts",
-    "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
+    "find_barriers", "tp_group", "TRACE_TIMEOUT_S", "TraceTimeout",
+    "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",
+    "LayerCoverage", "coverage_summary", "describe",
+    "RemoveBlock", "ShortcutOnly", "checked_parts", "residual_blocks", "residual_parts",
+    "POST_FUNCTIONS", "BlockScan", "discover_block", "discover_blocks", "scan_blocks",
+    "DecomposedConv", "RankCost", "decomposed_convs", "decomposition_cost", "merge_is_cheaper",
+    "MaskKind", "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",
     "record_edit", "register_edit", "replay",
     "PruneReport", "Target", "prune_to_target",
+    "TOLERANCE", "Bisection", "BudgetError", "BudgetFit", "BudgetMeter", "Measured", "Refine",
+    "bisect_budget", "fit_budget", "plan_key", "refine_budget", "search_budget",
 ]

@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 
 from kdprune.engine.graph import ChannelGroup
+from kdprune.registry import check_choice, choice
 
-__all__ = ["PruningPlan", "plan_pruning", "round_width", "MODES"]
+__all__ = ["PruningPlan", "plan_pruning", "round_width", "width_step", "lowest_channels", "MODES",
+           "Allocation", "Uniform", "Global"]
 
-MODES = ("uniform", "global")
+
+@choice("uniform")
+@dataclass(frozen=True)
+class Uniform:
+    """The same fraction of every group (PFEC, Li et al. 2017), dithered to within one channel."""
+
+    def keeps(self, groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+              ratio: float) -> list[int]:
+        """Kept width of each group at allocation ratio ``ratio``."""
+        return _uniform_keep(groups, ratio)
+
+
+@choice("global")
+@dataclass(frozen=True)
+class Global:
+    """One threshold over all channels' mean-normalised scores: groups get adaptive widths."""
+
+    def keeps(self, groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+              ratio: float) -> list[int]:
+        """Kept width of each group at allocation ratio ``ratio``."""
+        return _global_keep(groups, scores, ratio)
+
+
+Allocation = Union[Uniform, Global]
+MODES = (Uniform, Global)
 
 
 @dataclass(frozen=True)
@@ -68,11 +94,10 @@ def round_width(keep: int, channels: int, min_width: int = 1, round_to: int | No
 
 
 def _check(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float,
-           mode: str, min_width: int, round_to: int | None) -> None:
+           mode: Allocation, min_width: int, round_to: int | None) -> None:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice(mode, Allocation, "mode")
     if min_width < 1:
         raise ValueError(f"min_width must be >= 1, got {min_width}")
     if round_to is not None and round_to < 1:
@@ -115,25 +140,43 @@ def plan_pruning(
     groups: Sequence[ChannelGroup],
     scores: Mapping[str, torch.Tensor],
     ratio: float,
-    mode: str = "uniform",
+    mode: Allocation = Uniform(),
     min_width: int = 1,
     round_to: int | None = None,
 ) -> PruningPlan:
-    """Remove the lowest-scored channels: ``ratio`` of each group ("uniform", as in PFEC, Li et
-    al. 2017) or of all channels under one threshold on mean-normalised scores ("global")."""
+    """Remove the lowest-scored channels: ``ratio`` of each group (``Uniform()``, as in PFEC, Li et
+    al. 2017) or of all channels under one threshold on mean-normalised scores (``Global()``)."""
     _check(groups, scores, ratio, mode, min_width, round_to)
     if not groups:
         return PruningPlan({})
-    keeps = _uniform_keep(groups, ratio) if mode == "uniform" else _global_keep(groups, scores, ratio)
+    keeps = mode.keeps(groups, scores, ratio)
     removals = {}
     for g, keep in zip(groups, keeps):
-        keep = round_width(keep, g.channels, min_width, round_to)
+        keep = round_width(keep, g.channels, min_width, width_step(g, round_to))
         if keep < g.channels:
-            s = scores[g.root].detach().double().flatten()
-            order = torch.sort(s, stable=True).indices
-            removed = _protect_members(g, s, {int(i) for i in order[: g.channels - keep]})
-            removals[g.root] = tuple(sorted(removed))
+            removals[g.root] = lowest_channels(g, scores[g.root], g.channels - keep)
     return PruningPlan(removals)
+
+
+def width_step(group: ChannelGroup, round_to: int | None) -> int | None:
+    """The step a group's kept width moves in: ``round_to``, and a multiple of the channels a
+    grouped conv ties together (None: any width)."""
+    step = math.lcm(group.tie_size, round_to or 1)
+    return step if step > 1 else None
+
+
+def lowest_channels(group: ChannelGroup, scores: torch.Tensor, n: int) -> tuple[int, ...]:
+    """The ``n`` lowest-scored channels of ``group`` (whole tie classes, ranked by their summed
+    score, when grouped convs tie channels), keeping every producer at least one channel."""
+    s = scores.detach().double().flatten()
+    if not group.ties:
+        order = torch.sort(s, stable=True).indices
+        return tuple(sorted(_protect_members(group, s, {int(i) for i in order[:n]})))
+    sums = torch.stack([s[list(c)].sum() for c in group.ties])
+    order = torch.sort(sums, stable=True).indices[: n // group.tie_size]
+    removed = {i for k in order for i in group.ties[int(k)]}
+    removed = _protect_members(group, s, removed)
+    return tuple(sorted(i for c in group.ties if set(c) <= removed for i in c))
 
 
 def _protect_members(group: ChannelGroup, scores: torch.Tensor, removed: set[int]) -> set[int]:

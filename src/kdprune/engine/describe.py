@@ -11,7 +11,7 @@ from torch import nn
 
 from kdprune.engine.graph import Member, _members, build_graph, classifier_layers, group_blocker, resolve_layers
 
-__all__ = ["LayerCoverage", "describe"]
+__all__ = ["LayerCoverage", "describe", "coverage_summary"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -79,3 +79,20 @@ def describe(model: nn.Module, example_input: torch.Tensor,
         rows.append(LayerCoverage(name, type(m).__name__, out, groups, why is None, root,
                                   why or ("group root" if root == name else f"in the group of {root}")))
     return rows
+
+
+def coverage_summary(rows: Sequence[LayerCoverage], shown: int = 4) -> str:
+    """One line: how many layers can be narrowed, and why the others stay whole (most common
+    reasons first), for errors that must name the real cause of an unreachable target."""
+    whole = [r for r in rows if not r.prunable]
+    groups = len({r.group for r in rows if r.prunable})
+    head = f"{groups} prunable channel groups; {len(whole)} of {len(rows)} conv/linear layers stay whole"
+    if not whole:
+        return head
+    by_reason: dict[str, list[str]] = {}
+    for r in whole:
+        by_reason.setdefault(r.reason, []).append(r.name)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    parts = [f"{', '.join(names[:2])}{' ...' if len(names) > 2 else ''}: {why}" for why, names in ranked[:shown]]
+    more = f"; and {len(ranked) - shown} more reasons (kp.engine.describe lists them)" if len(ranked) > shown else ""
+    return f"{head} ({'; '.join(parts)}{more})"

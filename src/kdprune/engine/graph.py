@@ -6,6 +6,8 @@ channels that flow through parameter-free channel-changing modules (ResNet optio
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -16,9 +18,12 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
+from kdprune.engine.reshape import ChannelReshape, find_channel_reshapes, routed_forward
+
 __all__ = [
     "Member", "ChannelGroup", "build_graph", "channel_groups", "find_barriers",
-    "tp_group", "classifier_layers", "resolve_layers", "BARRIER_ATTR",
+    "tp_group", "classifier_layers", "resolve_layers", "BARRIER_ATTR", "tie_classes", "is_placer",
+    "TRACE_TIMEOUT_S", "TraceTimeout",
 ]
 
 #: Class or instance attribute that overrides barrier detection: True forces a module to be
@@ -68,6 +73,14 @@ class ChannelGroup:
     channels: int
     members: tuple[Member, ...]
     sites: tuple[str, ...]
+    # Root channels that must go together (grouped convs: the same position in every conv group,
+    # see ``tie_classes``); empty when every channel can be removed on its own.
+    ties: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def tie_size(self) -> int:
+        """Channels removed together (1 unless a grouped conv ties them)."""
+        return len(self.ties[0]) if self.ties else 1
 
     def member(self, name: str) -> Member:
         """The member named ``name`` (KeyError if absent)."""
@@ -82,20 +95,35 @@ class ChannelGroup:
         return tuple(m for m in self.members if m.role == "out" and m.kind in PARAM_KINDS)
 
 
+def is_placer(module: nn.Module) -> bool:
+    """Whether a channel barrier implements the channel-placer protocol: ``kdprune_channels() ->
+    (in, out)``, ``kdprune_prune_inputs(idxs)`` and ``kdprune_prune_outputs(idxs)`` (a module that
+    places each input channel at a fixed output channel, zeros elsewhere: the option-A shortcut).
+    Both sides of a placer can be pruned, as separate groups; masks act on its output as a hard
+    keep/drop, and folding a zero mask calls its ``kdprune_zero_outputs(idxs)``."""
+    return all(callable(getattr(module, a, None))
+               for a in ("kdprune_channels", "kdprune_prune_inputs", "kdprune_prune_outputs"))
+
+
 class _BarrierPruner(tpf.BasePruningFunc):
-    """tp pruner for channel barriers: distinct in/out functions decouple the two sides."""
+    """tp pruner for channel barriers: distinct in/out functions decouple the two sides; a
+    channel placer is resized through its protocol, any other barrier is never pruned."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if is_placer(layer):
+            layer.kdprune_prune_outputs(sorted(int(i) for i in idxs))
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if is_placer(layer):
+            layer.kdprune_prune_inputs(sorted(int(i) for i in idxs))
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> None:
-        return None
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return layer.kdprune_channels()[1] if is_placer(layer) else None
 
-    def get_in_channels(self, layer: nn.Module) -> None:
-        return None
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return layer.kdprune_channels()[0] if is_placer(layer) else None
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -152,21 +180,70 @@ def _masks_disabled(model: nn.Module) -> Iterator[None]:
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Trace ``model`` into a torch-pruning DependencyGraph (DepGraph, Fang et al. 2023), with
-    channel barriers (see ``find_barriers``) registered as decoupling custom layers."""
+    channel barriers (see ``find_barriers``) and functional channel reshapes (see
+    ``kdprune.engine.reshape``) registered as decoupling custom layers; the trace is stopped with
+    a clear error after ``TRACE_TIMEOUT_S`` seconds."""
     barriers = find_barriers(model, example_input)
     classes = {type(model.get_submodule(n)) for n in barriers}
-    pruner = _BarrierPruner()
     was_training = model.training
     try:
-        with torch.enable_grad(), _masks_disabled(model):
+        model.eval()
+        with _masks_disabled(model):
+            calls = find_channel_reshapes(model, example_input)
+    finally:
+        model.train(was_training)
+    stand_ins = nn.ModuleList(ChannelReshape(c) for c in calls)
+    if calls:
+        classes.add(ChannelReshape)
+        model.add_module(_RESHAPES_ATTR, stand_ins)  # tp hooks only the model's own modules
+    pruner = _BarrierPruner()
+    try:
+        with torch.enable_grad(), _masks_disabled(model), _time_limit(TRACE_TIMEOUT_S):
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, verbose=False,
+                forward_fn=routed_forward(stand_ins) if calls else None,
                 customized_pruners={c: pruner for c in classes},
             )
     finally:
         model.train(was_training)  # tp's tracer leaves the model in eval mode
+        if calls:
+            delattr(model, _RESHAPES_ATTR)
+    for m in stand_ins:
+        dg._module2name[m] = m.call.describe()
     dg.kdprune_barrier_classes = tuple(classes)
     return dg
+
+
+#: Seconds DepGraph may trace before kdprune stops it: a reshape or permutation it cannot follow
+#: can otherwise make it run for minutes with memory growing.
+TRACE_TIMEOUT_S = 120.0
+_RESHAPES_ATTR = "_kdprune_channel_reshapes"
+
+
+class TraceTimeout(RuntimeError):
+    """DepGraph tracing exceeded TRACE_TIMEOUT_S."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TraceTimeout after ``seconds`` (main thread on POSIX only; elsewhere no limit)."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum: int, frame: object) -> None:
+        raise TraceTimeout(
+            f"torch-pruning's DepGraph did not finish tracing within {seconds:.0f} s: the model likely "
+            "reshapes or permutes channels in a way it cannot follow; declare the module doing it a "
+            f"barrier with `{BARRIER_ATTR} = True`, or raise kdprune.engine.graph.TRACE_TIMEOUT_S")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[nn.Module | str]) -> list[nn.Module]:
@@ -212,9 +289,13 @@ def _member_kind(dg: tp.DependencyGraph, node) -> str:
     m = node.module
     if isinstance(m, ops.TORCH_CONV) and node.type == ops.OPTYPE.CONV and m.groups > 1:
         return "gconv"
+    if node.type == ops.OPTYPE.DEPTHWISE_CONV and m.in_channels != m.out_channels:
+        return "oddconv"  # tp calls groups == out_channels depthwise and resizes its inputs wrongly
     if node.type == ops.OPTYPE.SLICE:
         dim = getattr(m, "dim", None)
         return "slice" if dim is None or dim == 1 or dim < 0 else "op"  # a channel slice (x[:, a:b])
+    if node.type == ops.OPTYPE.CUSTOMIZED and is_placer(m):
+        return "place"
     if node.type == ops.OPTYPE.ELEMENTWISE:
         label = str(getattr(m, "_grad_fn", "op")).lower()
         return "add" if "add" in label else "op"
@@ -239,8 +320,9 @@ def _members(dg: tp.DependencyGraph, group) -> tuple[Member, ...]:
 
 def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]) -> tuple[str, ...]:
     """Producers whose output is the last per-channel op: skip a conv/linear feeding only a BN
-    that is itself in the group (the BN output is where the channel is finally formed)."""
-    names = {m.name for m in members if m.role == "out" and m.kind in PARAM_KINDS}
+    that is itself in the group (the BN output is where the channel is finally formed). A channel
+    placer's output is a site too: masking it there is what removing the channel does."""
+    names = {m.name for m in members if m.role == "out" and m.kind in PARAM_KINDS + ("place",)}
     sites = []
     for name in sorted(names):
         node = dg.module2node[model.get_submodule(name)]
@@ -253,13 +335,13 @@ def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]
     return tuple(sites)
 
 
-# Member kinds that make their whole group unprunable, and why. Barriers cannot be resized;
-# non-depthwise grouped convs are not kept consistent by group.prune with arbitrary indices; and
-# DepGraph maps indices through channel slices wrongly (a sliced-then-concatenated channel lands
-# on the wrong consumer input).
+# Member kinds that make their whole group unprunable, and why (grouped convs are pruned under
+# tie constraints instead, see tie_classes). Barriers cannot be resized; a conv with groups equal
+# to its outputs but not its inputs has no even split; and DepGraph maps indices through channel
+# slices wrongly (a sliced-then-concatenated channel lands on the wrong consumer input).
 _UNPRUNABLE = {
     "barrier": "coupled to channel barrier {name}",
-    "gconv": "coupled to grouped conv {name} (grouped convs are not pruned yet)",
+    "oddconv": "coupled to conv {name} whose groups equal its output but not its input channels",
     "slice": "coupled to a channel slice (x[:, a:b]), whose index mapping is not supported yet",
 }
 
@@ -271,7 +353,60 @@ def group_blocker(model: nn.Module, members: Sequence[Member]) -> str | None:
         if m.kind in _UNPRUNABLE:
             return _UNPRUNABLE[m.kind].format(name=m.name)
     bad = invalid_member(model, members)
-    return None if bad is None else f"{bad}; an unsupported channel op breaks the index mapping"
+    if bad is not None:
+        return f"{bad}; an unsupported channel op breaks the index mapping"
+    try:
+        tie_classes(model, members)
+    except _TieError as e:
+        return str(e)
+    return None
+
+
+class _TieError(ValueError):
+    """A grouped conv constrains the group's channels in a way pruning cannot honour."""
+
+
+def _gconv_period(model: nn.Module, m: Member) -> tuple[int, int]:
+    conv = model.get_submodule(m.name)
+    width = conv.in_channels if m.role == "in" else conv.out_channels
+    return width, width // conv.groups
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def tie_classes(model: nn.Module, members: Sequence[Member]) -> tuple[tuple[int, ...], ...]:
+    """Root channels that must be removed together because of grouped convs: a grouped conv
+    keeps its ``groups``, so the same in-group position goes from every conv group (as
+    torch-pruning's in-channel pruner assumes); () when nothing is tied. Raises _TieError when
+    the ties cannot be honoured (a conv group reading another group's channels, or one class)."""
+    gconvs = [m for m in members if m.kind == "gconv" and m.idxs]
+    if not gconvs:
+        return ()
+    n = 1 + max(max(m.root_idxs) for m in members if m.root_idxs)
+    parent = list(range(n))
+    for m in gconvs:
+        width, per = _gconv_period(model, m)
+        local = dict(zip(m.idxs, m.root_idxs))
+        if len(local) != width:
+            raise _TieError(f"grouped conv {m.name} reads channels of several channel groups "
+                            f"({len(local)} of its {width} {m.role}put channels are in this one)")
+        for l, r in local.items():
+            parent[_find(parent, r)] = _find(parent, local[l % per])
+    classes: dict[int, list[int]] = {}
+    for r in sorted({r for m in members for r in m.root_idxs}):
+        classes.setdefault(_find(parent, r), []).append(r)
+    out = tuple(tuple(c) for c in classes.values())
+    if len(out) == 1:
+        raise _TieError(f"grouped conv {gconvs[0].name} ties all {len(out[0])} channels together "
+                        "(each input channel is a conv group of its own)")
+    if len({len(c) for c in out}) != 1:
+        raise _TieError(f"grouped convs {', '.join(m.name for m in gconvs)} tie channels unevenly")
+    return out
 
 
 def _width(module: nn.Module, role: str) -> int | None:
@@ -304,7 +439,8 @@ def channel_groups(
     root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear),
 ) -> list[ChannelGroup]:
     """Prunable output-channel groups of ``model`` (DepGraph, Fang et al. 2023), excluding the
-    classifier output, groups touching ``ignored_layers``, channel barriers and grouped convs."""
+    classifier output, groups touching ``ignored_layers`` or channel barriers, and groups whose
+    grouped-conv ties cannot be honoured."""
     dg = dg or build_graph(model, example_input)
     ignored = resolve_layers(model, ignored_layers) + classifier_layers(model, dg)
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
@@ -314,7 +450,7 @@ def channel_groups(
         root = group[0].dep.target.module
         why = group_blocker(model, members)
         if why is not None:
-            if not any(m.kind in _UNPRUNABLE for m in members):  # not a known construct: say so
+            if not any(m.kind in _UNPRUNABLE for m in members) and invalid_member(model, members):
                 warnings.warn(f"kdprune: the channel group of {dg._module2name.get(root, root)!r} is left "
                               f"unpruned: {why}", stacklevel=2)
             continue
@@ -324,7 +460,7 @@ def channel_groups(
     for i, (_, root, members) in enumerate(found):
         groups.append(ChannelGroup(
             index=i, root=dg._module2name[root], dim="out", channels=len(members[0].idxs),
-            members=members, sites=_sites(dg, model, members),
+            members=members, sites=_sites(dg, model, members), ties=tie_classes(model, members),
         ))
     return groups
 

@@ -1,27 +1,31 @@
-"""Channel importance criteria, registered in ``IMPORTANCE`` by name.
+"""Channel importance criteria: the typed choices ``L1()``, ``L2()``, ``BNScale()``, ``Taylor()``,
+``Random()`` (frozen dataclasses; ``IMPORTANCE`` maps their YAML/CLI names to the types).
 
-A criterion is ``fn(model, group, seed=...) -> Tensor[group.channels]`` in root channel order
-(higher = more important). Per-layer scores are computed for each coupled producer (a layer whose
-output channels are removed) and averaged over the producers that hold each root channel.
+A criterion is any ``fn(model, group, seed=...) -> Tensor[group.channels]`` in root channel order
+(higher = more important); the built-in ones are such callables. Per-layer scores are computed
+for each coupled producer (a layer whose output channels are removed) and averaged over the
+producers that hold each root channel.
 """
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from kdprune.engine.graph import ChannelGroup, Member
-from kdprune.registry import Registry
+from kdprune.registry import Registry, choice, choice_name
 
 __all__ = ["IMPORTANCE", "Criterion", "importance_scores", "l1", "l2", "bn_scale", "taylor",
-           "random_importance"]
+           "random_importance", "L1", "L2", "BNScale", "Taylor", "Random", "criterion_label"]
 
 Criterion = Callable[..., torch.Tensor]
-IMPORTANCE: Registry[Criterion] = Registry("importance")
+#: YAML/CLI name -> criterion type (names are read only at the config boundary).
+IMPORTANCE: Registry[type] = Registry("importance")
 
-_WEIGHTED = ("conv", "dwconv", "linear")
+_WEIGHTED = ("conv", "dwconv", "gconv", "linear")
 
 
 def _out_rows(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -52,21 +56,18 @@ def _weighted(model: nn.Module, group: ChannelGroup) -> list[tuple[Member, nn.Mo
     return found
 
 
-@IMPORTANCE.register("l1")
 def l1(model: nn.Module, group: ChannelGroup, **_: object) -> torch.Tensor:
     """L1 norm of each output filter (PFEC, Li et al. 2017), averaged over coupled layers."""
     return _aggregate(group, [(m, _out_rows(mod.weight, mod).abs().sum(1))
                               for m, mod in _weighted(model, group)])
 
 
-@IMPORTANCE.register("l2")
 def l2(model: nn.Module, group: ChannelGroup, **_: object) -> torch.Tensor:
     """L2 norm of each output filter (PFEC-style, Li et al. 2017), averaged over coupled layers."""
     return _aggregate(group, [(m, _out_rows(mod.weight, mod).norm(dim=1))
                               for m, mod in _weighted(model, group)])
 
 
-@IMPORTANCE.register("bn_scale")
 def bn_scale(model: nn.Module, group: ChannelGroup, **_: object) -> torch.Tensor:
     """|gamma| of the BatchNorms in the group (Network Slimming, Liu et al. 2017)."""
     bns = [(m, model.get_submodule(m.name)) for m in group.producers if m.kind == "bn"]
@@ -92,7 +93,6 @@ def _taylor_member(member: Member, module: nn.Module) -> torch.Tensor:
     return score
 
 
-@IMPORTANCE.register("taylor")
 def taylor(model: nn.Module, group: ChannelGroup, **_: object) -> torch.Tensor:
     """First-order Taylor |w * dL/dw| summed per channel (Molchanov et al. 2019), averaged over
     the coupled conv/linear/BN layers; gradients must already be in ``.grad``."""
@@ -102,32 +102,89 @@ def taylor(model: nn.Module, group: ChannelGroup, **_: object) -> torch.Tensor:
     return _aggregate(group, [(m, _taylor_member(m, mod)) for m, mod in members])
 
 
-@IMPORTANCE.register("random")
 def random_importance(model: nn.Module, group: ChannelGroup, seed: int = 0, **_: object) -> torch.Tensor:
     """Uniform random scores, seeded per (seed, group root) so they are reproducible."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(group.root.encode()))
     return torch.rand(group.channels, generator=gen)
 
 
+@choice("l1", IMPORTANCE)
+@dataclass(frozen=True)
+class L1:
+    """L1 norm of each output filter (PFEC, Li et al. 2017)."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, **kw: object) -> torch.Tensor:
+        """Scores of ``group``'s channels."""
+        return l1(model, group, **kw)
+
+
+@choice("l2", IMPORTANCE)
+@dataclass(frozen=True)
+class L2:
+    """L2 norm of each output filter (PFEC-style, Li et al. 2017)."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, **kw: object) -> torch.Tensor:
+        """Scores of ``group``'s channels."""
+        return l2(model, group, **kw)
+
+
+@choice("bn_scale", IMPORTANCE)
+@dataclass(frozen=True)
+class BNScale:
+    """|gamma| of the group's BatchNorms (Network Slimming, Liu et al. 2017)."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, **kw: object) -> torch.Tensor:
+        """Scores of ``group``'s channels."""
+        return bn_scale(model, group, **kw)
+
+
+@choice("taylor", IMPORTANCE)
+@dataclass(frozen=True)
+class Taylor:
+    """First-order Taylor |w * dL/dw| (Molchanov et al. 2019); needs ``.grad`` filled."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, **kw: object) -> torch.Tensor:
+        """Scores of ``group``'s channels."""
+        return taylor(model, group, **kw)
+
+
+@choice("random", IMPORTANCE)
+@dataclass(frozen=True)
+class Random:
+    """Uniform random scores, reproducible per (seed, group root)."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, seed: int = 0, **kw: object) -> torch.Tensor:
+        """Scores of ``group``'s channels."""
+        return random_importance(model, group, seed=seed, **kw)
+
+
+def criterion_label(criterion: Criterion) -> str:
+    """A criterion's name for reports: its YAML/CLI name, else the callable's __name__."""
+    return choice_name(criterion) or getattr(criterion, "__name__", "custom")
+
+
 def importance_scores(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
-    criterion: str | Criterion = "l1",
+    criterion: Criterion = L1(),
     scores: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per-channel scores for every group: ``criterion`` (a registered name or a callable),
-    with entries of ``scores`` (group root -> tensor) overriding it for their groups."""
+    """Per-channel scores for every group: ``criterion`` (``L1()``... or any callable), with
+    entries of ``scores`` (group root -> tensor) overriding it for their groups."""
+    if not callable(criterion):
+        names = ", ".join(f"{IMPORTANCE.get(n).__name__}()" for n in IMPORTANCE)
+        raise TypeError(f"criterion must be a callable such as {names}, got {criterion!r} (names are "
+                        "read from YAML/CLI only: kdprune.engine.IMPORTANCE.get(name)())")
     overrides = dict(scores or {})
     known = {g.root for g in groups}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"scores given for unknown group roots {unknown}; known: {sorted(known)}")
-    fn = IMPORTANCE.get(criterion) if isinstance(criterion, str) else criterion
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for g in groups:
-            s = overrides[g.root] if g.root in overrides else fn(model, g, seed=seed)
+            s = overrides[g.root] if g.root in overrides else criterion(model, g, seed=seed)
             s = torch.as_tensor(s).detach().flatten().float().cpu()
             if s.numel() != g.channels:
                 raise ValueError(f"scores for {g.root!r} have {s.numel()} entries, expected {g.channels}")

@@ -12,6 +12,7 @@ nothing downstream, which is exactly what removing it (with DepGraph) does.
 """
 from __future__ import annotations
 
+import enum
 import re
 from typing import Sequence
 
@@ -19,12 +20,20 @@ import torch
 from torch import nn
 
 from kdprune.engine.allocate import PruningPlan
-from kdprune.engine.graph import ChannelGroup
+from kdprune.engine.graph import ChannelGroup, is_placer
+from kdprune.registry import check_choice
 
-__all__ = ["MaskSet", "attach_masks", "masks_to_plan", "fold_gates_into_bn", "zero_channels",
-           "MASKS_ATTR"]
+__all__ = ["MaskSet", "MaskKind", "attach_masks", "masks_to_plan", "fold_gates_into_bn",
+           "zero_channels", "MASKS_ATTR"]
 
 MASKS_ATTR = "kdprune_masks"
+
+
+class MaskKind(enum.Enum):
+    """What a MaskSet holds: fixed 0/1 masks (buffers) or trainable gates (parameters)."""
+
+    MASK = "mask"
+    GATE = "gate"
 
 
 def _key(root: str) -> str:
@@ -42,23 +51,24 @@ class _SiteHook:
         if not self.masks.enabled:
             return None
         vec = self.masks.site_vector(self.site, out.shape[1], out.device, out.dtype)
+        if is_placer(module):  # a placer has no weight to scale: it only keeps or drops a channel
+            vec = (vec != 0).to(out.dtype)
         return out * vec.view(1, -1, *([1] * (out.dim() - 2)))
 
 
 class MaskSet(nn.Module):
     """Per-group channel masks (buffers) or gates (parameters) applied by forward hooks."""
 
-    def __init__(self, groups: Sequence[ChannelGroup], kind: str = "mask", init: float = 1.0) -> None:
+    def __init__(self, groups: Sequence[ChannelGroup], kind: MaskKind = MaskKind.MASK, init: float = 1.0) -> None:
         super().__init__()
-        if kind not in ("mask", "gate"):
-            raise ValueError(f"kind must be 'mask' or 'gate', got {kind!r}")
+        check_choice(kind, MaskKind, "kind")
         self.kind, self.enabled = kind, True
         self.groups = {g.root: g for g in groups}
         # Plain attribute, not a submodule (that would make a module cycle); deepcopy remaps it.
         object.__setattr__(self, "_model", None)
         for g in groups:
             value = torch.full((g.channels,), float(init))
-            if kind == "gate":
+            if kind is MaskKind.GATE:
                 self.register_parameter(_key(g.root), nn.Parameter(value))
             else:
                 self.register_buffer(_key(g.root), value)
@@ -128,9 +138,9 @@ class MaskSet(nn.Module):
         raise RuntimeError("MaskSet is applied through hooks; call the model instead")
 
 
-def attach_masks(model: nn.Module, groups: Sequence[ChannelGroup], kind: str = "mask",
+def attach_masks(model: nn.Module, groups: Sequence[ChannelGroup], kind: MaskKind = MaskKind.MASK,
                  init: float = 1.0) -> MaskSet:
-    """Attach per-channel masks (``kind="mask"``, buffers) or trainable gates (``kind="gate"``,
+    """Attach per-channel masks (``MaskKind.MASK``, buffers) or trainable gates (``MaskKind.GATE``,
     parameters) to every group's sites; returns the ``MaskSet`` (also ``model.kdprune_masks``)."""
     p = next(model.parameters(), None)
     masks = MaskSet(groups, kind, init)
@@ -177,10 +187,23 @@ def fold_gates_into_bn(model: nn.Module, masks: MaskSet) -> None:
     ungated model equals the gated one, then remove the MaskSet from the model."""
     for site in masks.site_map:
         module = model.get_submodule(site)
+        if is_placer(module):
+            _fold_placer(module, masks, site)
+            continue
         p = module.weight
         vec = masks.site_vector(site, _out_channels(module), p.device, p.dtype)
         _scale_site(module, vec, site)
     masks.remove()
+
+
+def _fold_placer(module: nn.Module, masks: MaskSet, site: str) -> None:
+    """Zeroed gates at a channel placer (option-A shortcut) drop those placements, which is what
+    the hook's hard keep/drop computed; other gate values never scale a placer."""
+    width = module.kdprune_channels()[1]
+    vec = masks.site_vector(site, width, torch.device("cpu"), torch.float32)
+    zero = (vec == 0).nonzero().flatten().tolist()
+    if zero:
+        module.kdprune_zero_outputs(zero)
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -195,7 +218,7 @@ def zero_channels(model: nn.Module, groups: Sequence[ChannelGroup], plan: Prunin
     """Zero the planned channels at every site (BN gamma/beta or conv weight/bias) in place: the
     dense reference that a physically pruned model must match in eval mode."""
     by_root = {g.root: g for g in groups}
-    masks = MaskSet([by_root[r] for r in plan], "mask")
+    masks = MaskSet([by_root[r] for r in plan], MaskKind.MASK)
     for root, idxs in plan.items():
         keep = torch.ones(by_root[root].channels, dtype=torch.bool)
         keep[list(idxs)] = False

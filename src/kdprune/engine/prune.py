@@ -10,7 +10,7 @@ import torch_pruning as tp
 from torch import nn
 
 from kdprune.engine.allocate import PruningPlan
-from kdprune.engine.graph import _member_kind, _member_name, build_graph
+from kdprune.engine.graph import _member_kind, _member_name, _members, build_graph, tie_classes, tp_group
 from kdprune.engine.structure import record_edit, register_edit
 
 __all__ = ["apply_plan", "apply_channel_edits", "prune_channels_edit", "MaskedModelError"]
@@ -56,6 +56,24 @@ def _check_not_emptied(dg: tp.DependencyGraph, item, root: str) -> None:
                          f"{_member_name(dg, target)}")
 
 
+def _check_ties(dg: tp.DependencyGraph, model: nn.Module, root: str, idxs: Sequence[int]) -> None:
+    """Grouped convs keep their ``groups``: the removed channels must be whole tie classes (the
+    same in-group position from every conv group), or the pruned model would compute another
+    function."""
+    members = _members(dg, tp_group(dg, model, root))
+    if not any(m.kind == "gconv" for m in members):
+        return
+    try:
+        ties = tie_classes(model, members)
+    except ValueError as e:
+        raise ValueError(f"prune_channels: group of {root!r} cannot be pruned: {e}") from None
+    chosen = set(idxs)
+    split = [c for c in ties if 0 < len(chosen & set(c)) < len(c)]
+    if split:
+        raise ValueError(f"prune_channels: idxs of {root!r} split the grouped-conv tie class {list(split[0])}: "
+                         "remove the same position from every conv group (see ChannelGroup.ties)")
+
+
 def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], done: set | None) -> None:
     if edit.get("dim", "out") != "out":
         raise ValueError(f"prune_channels: only dim='out' is supported, got {edit.get('dim')!r}")
@@ -64,6 +82,7 @@ def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], d
     _check_idxs(dg, module, root, idxs)
     if not idxs:
         return
+    _check_ties(dg, model, root, idxs)
     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
     touched = set()
     for item in group.items:

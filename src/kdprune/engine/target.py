@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from kdprune.engine.allocate import Allocation, PruningPlan, Uniform, plan_pruning
-from kdprune.engine.budget import TOLERANCE, Bisection, BudgetMeter, Refine, Target, fit_budget
+from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, Refine, Target,
+                                   fit_budget)
+from kdprune.engine.describe import coverage_summary, describe
 from kdprune.engine.graph import ChannelGroup, channel_groups
 from kdprune.engine.importance import L1, Criterion, importance_scores
 from kdprune.engine.prune import apply_plan
@@ -93,10 +95,29 @@ def prune_to_target(
     if not isinstance(target, Target):
         raise TypeError(f"target must be a Target, got {type(target).__name__}")
     groups: list[ChannelGroup] = channel_groups(model, example_input, ignored_layers)
+    if not groups:  # name the real cause, not min_width
+        rows = describe(model, example_input, ignored_layers)
+        raise ValueError(f"{target.metric} target {target.value} is unreachable in {type(model).__name__}: "
+                         f"{coverage_summary(rows)}")
     all_scores = importance_scores(model, groups, importance, scores, seed)
-    rounding = round_to is not None and round_to > 1
     meter = BudgetMeter(model, example_input, target)
-    fit = fit_budget(
+    try:
+        fit = _fit(model, example_input, target, groups, all_scores, mode, min_width, round_to, meter)
+    except BudgetError as e:
+        if e.fit.floor.kept <= target.value + TOLERANCE:
+            raise
+        rows = describe(model, example_input, ignored_layers)  # why the floor is that high
+        raise BudgetError(f"{e}; {coverage_summary(rows)}", e.fit) from None
+    apply_plan(model, example_input, fit.best.candidate)
+    return PruneReport(target, fit.best.kept, fit.t, meter.dense, fit.best.complexity, fit.best.candidate,
+                       mode, importance, meter.evaluations)
+
+
+def _fit(model: nn.Module, example_input: torch.Tensor, target: Target, groups: Sequence[ChannelGroup],
+         all_scores: Mapping[str, torch.Tensor], mode: Allocation, min_width: int, round_to: int | None,
+         meter: BudgetMeter) -> BudgetFit:
+    rounding = round_to is not None and round_to > 1
+    return fit_budget(
         model, example_input, target,
         lambda r: plan_pruning(groups, all_scores, r, mode, min_width, round_to),
         _MixedRounding(groups, all_scores, min_width, round_to) if rounding else None,
@@ -104,6 +125,3 @@ def prune_to_target(
         meter=meter, limits=f" under min_width={min_width}{f', round_to={round_to}' if round_to else ''}",
         advice=" (width steps are too coarse, e.g. because of round_to or few channels); use a smaller "
                "round_to, mode=Global(), or a different target")
-    apply_plan(model, example_input, fit.best.candidate)
-    return PruneReport(target, fit.best.kept, fit.t, meter.dense, fit.best.complexity, fit.best.candidate,
-                       mode, importance, meter.evaluations)

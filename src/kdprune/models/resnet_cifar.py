@@ -21,7 +21,13 @@ __all__ = ["BasicBlock", "CifarResNet", "PadShortcut", "resnet20", "resnet32", "
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut of He et al. 2016: subsample by ``stride`` and zero-pad channels."""
+    """Option-A shortcut of He et al. 2016: subsample by ``stride`` and zero-pad channels.
+
+    Input channel ``src[k]`` lands on output channel ``dst[k]`` and every other output is zero.
+    It implements kdprune's channel-placer protocol (``kdprune_channels``,
+    ``kdprune_prune_inputs``, ``kdprune_prune_outputs``), so the engine can prune the residual
+    streams on both sides: a removed input drops its placement, a removed output its slot.
+    """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -30,18 +36,55 @@ class PadShortcut(nn.Module):
         self.in_planes = in_planes
         self.out_planes = out_planes
         self.stride = stride
+        left = (out_planes - in_planes) // 2
+        # Not persistent: the placement follows from the structure log replayed on load.
+        self.register_buffer("src", torch.arange(in_planes), persistent=False)
+        self.register_buffer("dst", torch.arange(in_planes) + left, persistent=False)
+        self._padded = True  # still the plain even pad: the fast F.pad path applies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity with stride-``stride`` subsampling and zero channel padding (split evenly)."""
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         pad = self.out_planes - self.in_planes
-        if pad == 0:
-            return x
-        return F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2))
+        if self._padded:
+            return x if pad == 0 else F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2))
+        out = x.new_zeros(x.shape[0], self.out_planes, *x.shape[2:])
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+    def kdprune_channels(self) -> tuple[int, int]:
+        """(input, output) channel counts."""
+        return self.in_planes, self.out_planes
+
+    def kdprune_prune_inputs(self, idxs: list[int]) -> None:
+        """Remove input channels ``idxs``: their placements go, the others are renumbered."""
+        self.src, self.dst = _drop(self.src, self.dst, idxs, self.in_planes)
+        self.in_planes -= len(set(idxs))
+        self._padded = False
+
+    def kdprune_prune_outputs(self, idxs: list[int]) -> None:
+        """Remove output channels ``idxs``: inputs placed there are no longer used."""
+        self.dst, self.src = _drop(self.dst, self.src, idxs, self.out_planes)
+        self.out_planes -= len(set(idxs))
+        self._padded = False
+
+    def kdprune_zero_outputs(self, idxs: list[int]) -> None:
+        """Make output channels ``idxs`` zero (drop what is placed there), widths unchanged."""
+        keep = ~torch.isin(self.dst, torch.tensor(list(idxs), dtype=self.dst.dtype, device=self.dst.device))
+        self.src, self.dst = self.src[keep], self.dst[keep]
+        self._padded = False
 
     def extra_repr(self) -> str:
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
+
+
+def _drop(side: torch.Tensor, other: torch.Tensor, idxs: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove channels ``idxs`` from one side of a placement and renumber the survivors."""
+    gone = torch.zeros(width, dtype=torch.bool, device=side.device)
+    gone[list(idxs)] = True
+    renumber = torch.cumsum(~gone, 0) - 1
+    keep = ~gone[side]
+    return renumber[side[keep]], other[keep]
 
 
 def _shortcut(in_planes: int, planes: int, stride: int, option: str) -> nn.Module:
