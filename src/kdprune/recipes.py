@@ -3,7 +3,9 @@ from kdprune.methods.baselines import GroupNorm, KDFinetune, L1Finetune
 from kdprune.methods.base import PruneRecipe
 from kdprune.methods.sdap import SDAP
 from kdprune.methods.kesi import KESI, KESIPFEC
+from kdprune.methods.oed import OED
 
 __all__ = ["GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe"]
 __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
+__all__ += ["OED"]

@@ -68,3 +68,15 @@ def test_info_groups_reports_coverage(capsys):
     text = capsys.readouterr().out
     assert "in the group of conv1" in text and "classifier output" in text  # the option-A stream
     assert "19 of 20 conv/linear layers can be narrowed" in text  # the index-placing shortcut
+
+
+@needs_data
+def test_compress_oed_from_the_shipped_base(tmp_path):
+    out = tmp_path / "oed"
+    assert main(["compress", "--method", "oed", "--from", "pretrained:resnet20-fmnist", "--replicas", "2",
+                 "--lam", "0.5", "--target-params", "0.7", "--select-val", "64", "--epochs", "1",
+                 "--max-steps-per-epoch", "2", "--batch-size", "32", "--train-subset", "512", "--val-subset", "64",
+                 "--no-latency", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["replicas"] == 2 and report["method"]["held_out"] == 64
+    assert abs(report["after"]["params"] / report["before"]["params"] - 0.7) <= 0.01

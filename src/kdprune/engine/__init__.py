@@ -15,7 +15,8 @@ from kdprune.engine.graph import (
     tp_group,
 )
 from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, checked_parts, residual_blocks, residual_parts
-from kdprune.engine.discover import POST_FUNCTIONS, BlockScan, discover_block, discover_blocks, scan_blocks
+from kdprune.engine.discover import POST_FUNCTIONS, BlockScan, branch_end, discover_block, discover_blocks, scan_blocks
+from kdprune.engine.blockmask import BlockMaskHooks, attach_block_masks, fold_block_masks, mask_sites
 from kdprune.engine.decompose import DecomposedConv, RankCost, decomposed_convs, decomposition_cost, merge_is_cheaper
 from kdprune.engine.describe import LayerCoverage, coverage_summary, describe
 from kdprune.engine.importance import IMPORTANCE, L1, L2, BNScale, Criterion, Random, Taylor, importance_scores
@@ -55,7 +56,8 @@ __all__ = [
     "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",
     "LayerCoverage", "coverage_summary", "describe",
     "RemoveBlock", "ShortcutOnly", "checked_parts", "residual_blocks", "residual_parts",
-    "POST_FUNCTIONS", "BlockScan", "discover_block", "discover_blocks", "scan_blocks",
+    "POST_FUNCTIONS", "BlockScan", "branch_end", "discover_block", "discover_blocks", "scan_blocks",
+    "BlockMaskHooks", "attach_block_masks", "fold_block_masks", "mask_sites",
     "DecomposedConv", "RankCost", "decomposed_convs", "decomposition_cost", "merge_is_cheaper",
     "MaskKind", "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["POST_FUNCTIONS", "BlockScan", "discover_block", "discover_blocks", "scan_blocks"]
+__all__ = ["POST_FUNCTIONS", "BlockScan", "discover_block", "discover_blocks", "scan_blocks", "branch_end"]
 
 # Stateless activations a block may apply after its sum, by the name the structure log stores.
 POST_FUNCTIONS: dict[str, type[nn.Module]] = {
@@ -230,8 +230,8 @@ def _inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, to
     return got
 
 
-def _check(block: nn.Module, x: torch.Tensor | None) -> tuple[dict[str, Any] | None, str]:
-    """The block's verified parts, or None and why not (model in eval mode already)."""
+def _check_reading(block: nn.Module, x: torch.Tensor | None) -> tuple[_Reading | None, str]:
+    """The block's verified reading, or None and why not (model in eval mode already)."""
     if x is None:
         return None, "it did not run with one tensor input on the example input"
     gm = _trace(block)
@@ -242,7 +242,13 @@ def _check(block: nn.Module, x: torch.Tensor | None) -> tuple[dict[str, Any] | N
         return None, why
     if not _verified(block, gm, r, x):
         return None, "with its branch zeroed it does not equal its shortcut (numerical check)"
-    return r.parts, ""
+    return r, ""
+
+
+def _check(block: nn.Module, x: torch.Tensor | None) -> tuple[dict[str, Any] | None, str]:
+    """The block's verified parts, or None and why not (model in eval mode already)."""
+    r, why = _check_reading(block, x)
+    return (r.parts if r is not None else None), why
 
 
 def _candidates(model: nn.Module) -> list[str]:
@@ -284,6 +290,19 @@ def scan_blocks(model: nn.Module, example_input: torch.Tensor) -> BlockScan:
 def discover_blocks(model: nn.Module, example_input: torch.Tensor) -> dict[str, dict[str, Any]]:
     """Residual blocks found by tracing, name -> residual_parts dict, in module order ({} if none)."""
     return scan_blocks(model, example_input).found
+
+
+def branch_end(model: nn.Module, name: str, example_input: torch.Tensor) -> str:
+    """FQN of the submodule whose output is block ``name``'s residual branch (where a scalar block
+    mask multiplies, OED), verified like discovery (ValueError saying why there is none)."""
+    try:
+        block = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"module {name!r} not found in {type(model).__name__}") from None
+    r, why = _in_eval(model, lambda: _check_reading(block, _inputs(model, [name], example_input).get(name)))
+    if r is None:
+        raise ValueError(f"{name} ({type(block).__name__}) has no maskable residual branch: {why}")
+    return f"{name}.{r.branch.target}"
 
 
 def discover_block(model: nn.Module, name: str, example_input: torch.Tensor) -> dict[str, Any]:

@@ -5,8 +5,10 @@ from kdprune.methods.kesi import KESI, KESIPFEC
 from kdprune.methods.compress import CompressResult, compress, infer_example_input, measure, report_markdown
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import SDAP
+from kdprune.methods.oed import OED
 
 __all__ = ["CompressContext", "CompressResult", "GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe",
            "compress", "infer_example_input", "measure", "report_markdown", "run_recipe"]
 __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
+__all__ += ["OED"]

@@ -1,0 +1,274 @@
+"""OED (Wang, Lin, Xie, Lin, IEEE Access 2019, "Pruning blocks for CNN compression and
+acceleration via online ensemble distillation"), read as in shared/methods/oed.md: a scalar soft
+mask on every residual branch of K replicas of the pretrained model, driven to exact zeros by
+FISTA (kdprune.training.prox); an online teacher whose features average (or gate) the replicas'
+penultimate features, with its own classifier; all trained together in one cycle with
+``sum_k CE(z_k) + CE(z_T) + alpha * sum_k T^2 KL(z_T || z_k)``. At the end the replica with the
+best accuracy on a split held out from the training set is kept, its surviving masks folded into
+the branch ends and its zero-mask blocks removed physically (``remove_block``, in the structure
+log). A target is met by also removing the blocks of least total mask whose costs (measured by
+the budget service's meter) sum to it.
+
+This module is where the engine (block masks, removal, budget) and distill (KD loss) meet.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdprune.distill import kd_loss
+from kdprune.engine import (
+    TOLERANCE,
+    BudgetMeter,
+    Target,
+    apply_edit,
+    attach_block_masks,
+    fold_block_masks,
+    mask_sites,
+)
+from kdprune.methods.base import CompressContext
+from kdprune.methods.registry import register_recipe, run_recipe
+from kdprune.metrics import complexity
+from kdprune.training import SGD, Step, TrainConfig, evaluate, train
+from kdprune.training.prox import FistaL1
+
+__all__ = ["OED", "OEDNet", "OEDTask", "default_cycle", "select_blocks", "finish"]
+
+RECIPE_VERSION = 1
+
+
+def default_cycle() -> TrainConfig:
+    """GAL's schedule shape (SGD 0.01, wd 2e-4, x0.1 step decays) at a CPU-sized length."""
+    return TrainConfig(epochs=10, optimizer=SGD(lr=0.01, weight_decay=2e-4), schedule=Step(milestones=(0.5, 0.75)))
+
+
+@register_recipe("oed")
+@dataclass(frozen=True)
+class OED:
+    """OED (Wang et al., IEEE Access 2019): FISTA block masks on K replicas, online ensemble
+    teacher, one training cycle (``finetune``), zero-mask blocks removed."""
+
+    replicas: int = 3
+    lam: float = 0.02  # L1 weight of the masks, applied by the prox step only
+    target_flops: float | None = None
+    target_params: float | None = None
+    finetune: TrainConfig = field(default_factory=default_cycle)  # the one training cycle
+    temperature: float = 3.0
+    alpha: float = 1.0
+    mask_lr: float | None = None  # None: the weights' learning rate (scaled by the schedule)
+    restart_on_decay: bool = True
+    gated: bool = False  # teacher features: learned softmax weights over replicas, not the mean
+    # Identical replicas get identical gradients and never diverge (the ensemble would be one
+    # network): replicas 1..K-1 start with seeded Gaussian noise of this std relative to each
+    # weight tensor's std (ours; the paper does not say how its replicas differ).
+    perturb: float = 0.02
+    select_val: int = 5000  # training images held out to pick the best replica (never the test set)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.lam < 0 or self.temperature <= 0 or self.alpha < 0:
+            raise ValueError("OED needs replicas >= 1, lam >= 0, temperature > 0 and alpha >= 0")
+        if self.mask_lr is not None and self.mask_lr <= 0:
+            raise ValueError(f"OED.mask_lr must be > 0, got {self.mask_lr}")
+        if self.perturb < 0:
+            raise ValueError(f"OED.perturb must be >= 0, got {self.perturb}")
+        if self.select_val < 1:
+            raise ValueError("OED.select_val must be >= 1: the best replica is chosen on held-out training images")
+        if self.target_flops is not None or self.target_params is not None:
+            self.target()  # validates
+
+    def target(self) -> Target | None:
+        """The engine Target, or None when lam alone decides which blocks go."""
+        if self.target_flops is None and self.target_params is None:
+            return None
+        return Target(flops=self.target_flops, params=self.target_params)
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    name = getattr(model, "classifier_name", None)
+    if name:
+        return model.get_submodule(name)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"OED needs a linear classifier on {type(model).__name__} (its input are the features "
+                         "the teacher ensembles)")
+    return linears[-1]
+
+
+@torch.no_grad()
+def _perturb(model: nn.Module, rel_std: float, seed: int) -> None:
+    """Add N(0, (rel_std * std(W))^2) to every conv/linear weight, from its own generator."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.weight.numel() > 1:
+            noise = torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype)
+            m.weight.add_(noise.to(m.weight.device) * (rel_std * float(m.weight.std())))
+
+
+class OEDNet(nn.Module):
+    """K masked replicas of one network plus the online teacher head (and optional gate)."""
+
+    def __init__(self, model: nn.Module, sites: dict[str, str], replicas: int, gated: bool,
+                 perturb: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        self.sites = dict(sites)
+        self.replicas = nn.ModuleList(copy.deepcopy(model) for _ in range(replicas))
+        for k, r in enumerate(self.replicas):
+            if k and perturb:
+                _perturb(r, perturb, seed * 1000 + k)
+        self.masks = nn.Parameter(torch.ones(replicas, len(sites)))
+        self.head = copy.deepcopy(_classifier(model))  # starts as the replicas' own classifier
+        self.gate = nn.Parameter(torch.zeros(replicas)) if gated else None
+        self._feats: list[Tensor | None] = [None] * replicas
+        self.hooks = [attach_block_masks(r, self.sites, self._values(k)) for k, r in enumerate(self.replicas)]
+        self.taps = [_classifier(r).register_forward_pre_hook(self._tap(k)) for k, r in enumerate(self.replicas)]
+
+    def _values(self, k: int):
+        return lambda: self.masks[k]
+
+    def _tap(self, k: int):
+        def grab(mod: nn.Module, args: tuple) -> None:
+            self._feats[k] = args[0]
+        return grab
+
+    def forward_all(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Every replica's logits and the teacher's (over the ensembled penultimate features)."""
+        logits = [r(x) for r in self.replicas]
+        feats = torch.stack(self._feats, 0)
+        self._feats = [None] * len(self.replicas)
+        w = torch.softmax(self.gate, 0) if self.gate is not None else torch.full_like(feats[:, 0, 0], 1 / len(logits))
+        return logits, self.head(torch.einsum("k,k...->...", w, feats))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The teacher's logits (what evaluation scores as the main model)."""
+        return self.forward_all(x)[1]
+
+    def detach_hooks(self) -> None:
+        """Remove the mask and feature hooks (the replicas compute their unmasked functions again)."""
+        for h in self.hooks:
+            h.remove()
+        for t in self.taps:
+            t.remove()
+
+
+@dataclass(eq=False)
+class OEDTask:
+    """OED's loss: sum_k CE(y, z_k) + CE(y, z_T) + alpha * sum_k T^2 KL(z_T || z_k) (the teacher
+    learns from the labels only: its logits are detached in the KD terms)."""
+
+    temperature: float = 3.0
+    alpha: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(teacher logits, {"ce": replicas' CE, "ce_teacher", "kd"})."""
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        logits, teacher = net.forward_all(x)
+        ce = sum(F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits)
+        kd = sum(kd_loss(z, teacher, self.temperature) for z in logits)
+        return teacher, {"ce": ce, "ce_teacher": F.cross_entropy(teacher, y, label_smoothing=self.label_smoothing),
+                         "kd": self.alpha * kd}
+
+    def modules(self) -> list[nn.Module]:
+        """No networks besides the trained bundle."""
+        return []
+
+    def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The teacher as the main score, and each masked replica (``val_replica{k}_top1``)."""
+        return {"": model, **{f"replica{k}": r for k, r in enumerate(model.replicas)}}
+
+
+def _removal(model: nn.Module, x: Tensor, blocks: frozenset[str]) -> None:
+    for b in sorted(blocks):
+        apply_edit(model, {"op": "remove_block", "module": b}, x)
+
+
+def select_blocks(model: nn.Module, x: Tensor, sites: dict[str, str], values: Tensor,
+                  target: Target | None) -> frozenset[str]:
+    """Blocks to remove: every zero-mask block and, for a target, the other blocks of least total
+    mask whose removal lands within 1% of it (each block's cost measured once by the budget
+    service's meter; removal costs add up, so a subset-sum search finds the set; the chosen set is
+    measured again physically)."""
+    names = list(sites)
+    zero = frozenset(b for b, v in zip(names, values.tolist()) if v == 0.0)
+    if target is None:
+        return zero
+    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
+    base, goal = meter.kept(zero), target.value
+    if base < goal - TOLERANCE:
+        raise ValueError(f"OED: the {len(zero)} blocks whose masks reached 0 already leave {base:.4f} of "
+                         f"{target.metric}, below the target {goal}: lower lam")
+    mask = dict(zip(names, values.tolist()))
+    cost = {b: base - meter.kept(zero | {b}) for b in names if b not in zero}
+    for extra in _subsets_near(cost, mask, base - goal):
+        cand = zero | extra
+        if abs(meter.kept(cand) - goal) <= TOLERANCE:
+            return cand
+    reach = sorted({round(base - sum(cost[b] for b in c), 4) for c in _subsets_near(cost, mask, base - goal, 1.0)})
+    raise ValueError(f"OED: no set of whole blocks keeps {goal} of {target.metric} within {TOLERANCE:.0%} "
+                     f"(nearest reachable: {reach[:6]}); use another target or lam alone")
+
+
+def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, window: float = TOLERANCE,
+                  limit: int = 20) -> list[frozenset[str]]:
+    """Subsets whose summed cost is within ``window`` of ``need``, least total mask first (a
+    dynamic programme over costs rounded to 1/2000 of the dense model)."""
+    res = 1 / 2000
+    best: dict[int, tuple[float, frozenset[str]]] = {0: (0.0, frozenset())}
+    for b, c in cost.items():
+        step = round(c / res)
+        for k, (m, sub) in list(best.items()):
+            key = k + step
+            if key not in best or m + mask[b] < best[key][0]:
+                best[key] = (m + mask[b], sub | {b})
+    near = [(m, sub) for k, (m, sub) in best.items() if abs(k * res - need) <= window]
+    return [sub for _, sub in sorted(near, key=lambda t: (t[0], sorted(t[1])))][:limit]
+
+
+def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """Keep the best replica on the held-out split, fold its surviving masks, remove its
+    zero-mask (and, for a target, lowest-mask) blocks physically."""
+    net.cpu()
+    accs = [evaluate(r, held, batch_size=eval_cfg.eval_batch_size, device="cpu")["top1"] for r in net.replicas]
+    k = max(range(len(accs)), key=lambda i: (accs[i], -i))
+    values = net.masks[k].detach().clone()
+    net.detach_hooks()
+    model = net.replicas[k]
+    removed = select_blocks(model, x, net.sites, values, recipe.target())
+    for i, b in enumerate(net.sites):
+        if b in removed:
+            values[i] = 0.0
+    dense = complexity(model, example_input=x)
+    fold_block_masks(model, net.sites, values, x)
+    after = complexity(model, example_input=x)
+    return model, {"replica_val_top1": accs, "selected_replica": k, "masks": net.masks.detach().tolist(),
+                   "removed_blocks": [b for b in net.sites if b in removed],
+                   "zero_mask_blocks": int((net.masks[k] == 0).sum()),
+                   "flops_kept": after.flops / dense.flops, "params_kept": after.params / dense.params}
+
+
+def _held_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
+    n = min(n, max(1, len(train_set) // 5))  # small (test) sets: at most a fifth held out
+    return train_set.split(n, seed=seed)
+
+
+@run_recipe.register
+def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
+    x = ctx.example_input
+    sites = mask_sites(model, x)
+    train_set, held = _held_out(ctx.train, recipe.select_val, recipe.finetune.seed)
+    net = OEDNet(model, sites, recipe.replicas, recipe.gated, recipe.perturb, recipe.finetune.seed)
+    scale = recipe.mask_lr / recipe.finetune.optimizer.lr if recipe.mask_lr is not None else 1.0
+    fista = FistaL1([net.masks], recipe.lam, scale, recipe.restart_on_decay)
+    task = OEDTask(recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing)
+    res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
+                out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=[fista],
+                record={"method": "oed"}, save_model=False)
+    pruned, info = finish(net, recipe, x.cpu(), held, recipe.finetune)
+    info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history)
+    return pruned, info

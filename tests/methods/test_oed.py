@@ -1,0 +1,142 @@
+"""OED: the online ensemble at init equals the pretrained model, the loss terms are what the
+notes say (teacher learns from labels only), zero masks become removed blocks, a target lands
+within 1%, the best replica is picked on held-out training images, kill + resume equals an
+uninterrupted run, and an OED result is a valid input to SDAP and KESI."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdprune as kp
+from kdprune.cli.recipe_flags import methods
+from kdprune.distill import kd_loss
+from kdprune.engine import mask_sites
+from kdprune.methods.oed import OED, OEDNet, OEDTask, finish
+from kdprune.models import create_model
+from kdprune.training.config_io import from_dict, to_tagged_dict
+
+from ..conftest import TinyNet, assert_resume_is_bit_exact
+
+X = torch.zeros(1, 1, 8, 8)
+CYCLE = kp.TrainConfig(epochs=2, batch_size=32, optimizer=kp.SGD(lr=0.05), progress=False, seed=3)
+
+
+def _resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("resnet20", num_classes=4, in_chans=1).eval()
+
+
+def test_recipe_registration_validation_and_json():
+    assert kp.recipes.OED is OED and methods()["oed"] is OED
+    r = OED(replicas=2, lam=0.1, target_params=0.5, gated=True, finetune=CYCLE)
+    assert from_dict(OED, json.loads(json.dumps(to_tagged_dict(r)))) == r
+    assert OED().target() is None
+    for bad in ({"replicas": 0}, {"lam": -1.0}, {"temperature": 0.0}, {"mask_lr": 0.0}, {"target_flops": 1.5},
+                {"perturb": -0.1}, {"select_val": 0}):
+        with pytest.raises(ValueError):
+            OED(**bad)
+
+
+def test_ensemble_at_init_is_the_pretrained_model():
+    model = _resnet()
+    x = torch.randn(4, 1, 8, 8)
+    net = OEDNet(model, mask_sites(model, X), replicas=3, gated=False).eval()
+    with torch.no_grad():
+        logits, teacher = net.forward_all(x)
+        ref = model(x)
+    assert all(torch.equal(z, ref) for z in logits)  # masks at 1, unperturbed copies
+    torch.testing.assert_close(teacher, ref, rtol=1e-5, atol=1e-6)  # head = fc over the mean features
+
+
+def test_task_terms_and_the_teacher_learns_from_labels_only():
+    model = _resnet()
+    net = OEDNet(model, mask_sites(model, X), replicas=2, gated=True, perturb=0.05, seed=1).train()
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    task = OEDTask(temperature=3.0, alpha=0.5)
+    teacher, terms = task(net, x, y)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net.eval()
+        logits, t = net.forward_all(x)
+        net.train()
+    assert set(terms) == {"ce", "ce_teacher", "kd"}
+    terms["kd"].backward()
+    assert net.head.weight.grad is None or not net.head.weight.grad.any()  # KD never trains the teacher
+    assert net.masks.grad is not None and net.masks.grad.abs().sum() > 0
+    net.zero_grad()
+    _, terms = task(net, x, y)
+    logits, teacher = net.forward_all(x)
+    assert terms["ce"].item() == pytest.approx(sum(F.cross_entropy(z, y) for z in logits).item(), rel=1e-5)
+    want_kd = 0.5 * sum(kd_loss(z, teacher, 3.0) for z in logits)
+    assert terms["kd"].item() == pytest.approx(want_kd.item(), rel=1e-5)
+
+
+def test_finish_keeps_the_best_held_out_replica_and_removes_its_zero_mask_blocks(toy_data):
+    train, _ = toy_data
+    model = _resnet()
+    net = OEDNet(model, mask_sites(model, X), replicas=2, gated=False, perturb=0.05, seed=2)
+    with torch.no_grad():
+        net.masks.copy_(torch.tensor([[0.0, 0.7, 1.0, 0.0, 0.4, 1.0, 0.9, 0.0, 0.6],
+                                      [1.0, 0.0, 0.5, 0.8, 0.0, 1.0, 1.0, 0.3, 0.0]]))
+    held = train.subset(40)
+    accs = [kp.evaluate(r, held)["top1"] for r in net.replicas]
+    best = max(range(2), key=lambda k: (accs[k], -k))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        masked = net.eval().replicas[best](x)
+    pruned, info = finish(net, OED(finetune=CYCLE), X, held, CYCLE)
+    zero = [b for b, v in zip(net.sites, net.masks[best].tolist()) if v == 0.0]
+    assert info["selected_replica"] == best and info["replica_val_top1"] == accs
+    assert info["removed_blocks"] == zero and len(zero) == 3
+    assert [e["module"] for e in pruned.kdprune_structure if e["op"] == "remove_block"] == zero
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.eval()(x), masked, rtol=1e-5, atol=1e-5)  # folded + removed
+
+
+def test_lam_drives_masks_to_zero_on_held_out_training_images(toy_data):
+    train, val = toy_data
+    res = kp.compress(_resnet(), OED(replicas=2, lam=6.0, finetune=CYCLE, select_val=20), train, val, latency=False)
+    info = res.report["method"]
+    assert info["held_out"] == 20 and len(info["replica_val_top1"]) == 2  # carved from train, not val
+    zero = [b for b, v in zip(mask_sites(_resnet(), X), info["masks"][info["selected_replica"]]) if v == 0.0]
+    assert zero and info["removed_blocks"] == zero  # lam alone: exactly the zero-mask blocks
+    assert res.report["after"]["params"] < res.report["before"]["params"]
+
+
+def test_target_is_met_within_one_percent(toy_data):
+    train, val = toy_data
+    res = kp.compress(_resnet(), OED(replicas=2, lam=0.0, target_params=0.6, finetune=CYCLE, select_val=20),
+                      train, val, latency=False)
+    assert abs(res.report["method"]["params_kept"] - 0.6) <= 0.01
+    assert res.report["method"]["removed_blocks"]
+
+
+def test_a_model_without_residual_blocks_gets_a_clear_error(toy_data):
+    train, val = toy_data
+    with pytest.raises(ValueError, match="no submodule adds a shortcut"):
+        kp.compress(TinyNet(), OED(finetune=CYCLE), train, val, latency=False)
+
+
+def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
+    train, val = toy_data
+    recipe = OED(replicas=2, lam=1.0, finetune=CYCLE, select_val=20)
+
+    def run(out, resume):
+        return kp.compress(_resnet(), recipe, train, val, out_dir=out, resume=resume, latency=False).model
+
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch)
+
+
+def test_an_oed_result_feeds_sdap_and_kesi(toy_data):
+    train, val = toy_data
+    oed = kp.compress(_resnet(), OED(replicas=2, lam=0.0, target_params=0.7, finetune=CYCLE, select_val=20), train,
+                      val, latency=False)
+    assert oed.report["method"]["removed_blocks"]
+    ft = kp.TrainConfig(epochs=1, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False)
+    sdap = kp.compress(oed.model, kp.recipes.SDAP(target_flops=0.5, finetune=ft, ramp_epochs=0.5), train, val,
+                       latency=False)
+    assert abs(sdap.report["method"]["flops_kept"] - 0.5) <= 0.01
+    kesi = kp.compress(oed.model, kp.recipes.KESI(target_flops=0.6, rounds=2, finetune=ft, distill=ft), train, val,
+                       latency=False)
+    assert kesi.report["after"]["flops"] < oed.report["after"]["flops"]
