@@ -4,8 +4,10 @@ from kdprune.methods.base import PruneRecipe
 from kdprune.methods.sdap import SDAP
 from kdprune.methods.kesi import KESI, KESIPFEC
 from kdprune.methods.oed import OED
+from kdprune.methods.cascade import Cascade
 
 __all__ = ["GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe"]
 __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
 __all__ += ["OED"]
+__all__ += ["Cascade"]

@@ -20,7 +20,8 @@ from kdprune.engine.blockmask import BlockMaskHooks, attach_block_masks, fold_bl
 from kdprune.engine.decompose import DecomposedConv, RankCost, decomposed_convs, decomposition_cost, merge_is_cheaper
 from kdprune.engine.describe import LayerCoverage, coverage_summary, describe
 from kdprune.engine.importance import IMPORTANCE, L1, L2, BNScale, Criterion, Random, Taylor, importance_scores
-from kdprune.engine.masks import MaskKind, MaskSet, attach_masks, fold_gates_into_bn, masks_to_plan, zero_channels
+from kdprune.engine.masks import (MaskKind, MaskSet, MaskSlots, attach_masks, fold_gates_into_bn, masks_to_plan,
+                                  zero_channels)
 from kdprune.engine.prune import MaskedModelError, apply_channel_edits, apply_plan, prune_channels_edit
 from kdprune.engine.structure import (
     EDIT_OPS,
@@ -59,7 +60,7 @@ __all__ = [
     "POST_FUNCTIONS", "BlockScan", "branch_end", "discover_block", "discover_blocks", "scan_blocks",
     "BlockMaskHooks", "attach_block_masks", "fold_block_masks", "mask_sites",
     "DecomposedConv", "RankCost", "decomposed_convs", "decomposition_cost", "merge_is_cheaper",
-    "MaskKind", "MaskSet", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
+    "MaskKind", "MaskSet", "MaskSlots", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",
     "record_edit", "register_edit", "replay",

@@ -23,7 +23,7 @@ from kdprune.engine.allocate import PruningPlan
 from kdprune.engine.graph import ChannelGroup, is_placer
 from kdprune.registry import check_choice
 
-__all__ = ["MaskSet", "MaskKind", "attach_masks", "masks_to_plan", "fold_gates_into_bn",
+__all__ = ["MaskSet", "MaskSlots", "MaskKind", "attach_masks", "masks_to_plan", "fold_gates_into_bn",
            "zero_channels", "MASKS_ATTR"]
 
 MASKS_ATTR = "kdprune_masks"
@@ -136,6 +136,29 @@ class MaskSet(nn.Module):
 
     def forward(self, *args, **kwargs):  # a container, never called
         raise RuntimeError("MaskSet is applied through hooks; call the model instead")
+
+
+class MaskSlots(MaskSet):
+    """``slots`` gate sets over one model (nested sub-models sharing its weights, Cascade): the
+    hooks apply row ``slot`` of a (slots, channels) parameter per group, so a forward under slot k
+    is sub-model k and one backward through several slots' forwards gives each row the gradient
+    of its own forwards only. ``value`` / ``set_mask`` / folding act on the current slot."""
+
+    def __init__(self, groups: Sequence[ChannelGroup], slots: int, init: float = 1.0) -> None:
+        super().__init__(groups, MaskKind.GATE, init)
+        if slots < 1:
+            raise ValueError(f"MaskSlots needs at least one slot, got {slots}")
+        for g in groups:
+            self.register_parameter(_key(g.root), nn.Parameter(torch.full((slots, g.channels), float(init))))
+        self.slots, self.slot = slots, 0
+
+    def value(self, group: ChannelGroup | str) -> torch.Tensor:
+        """The current slot's row of ``group``'s values (live view)."""
+        return super().value(group)[self.slot]
+
+    def rows(self, group: ChannelGroup | str) -> torch.Tensor:
+        """Every slot's values of ``group``: a (slots, channels) parameter."""
+        return super().value(group)
 
 
 def attach_masks(model: nn.Module, groups: Sequence[ChannelGroup], kind: MaskKind = MaskKind.MASK,

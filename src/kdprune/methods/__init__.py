@@ -6,9 +6,11 @@ from kdprune.methods.compress import CompressResult, compress, infer_example_inp
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import SDAP
 from kdprune.methods.oed import OED
+from kdprune.methods.cascade import Cascade
 
 __all__ = ["CompressContext", "CompressResult", "GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe",
            "compress", "infer_example_input", "measure", "report_markdown", "run_recipe"]
 __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
 __all__ += ["OED"]
+__all__ += ["Cascade"]

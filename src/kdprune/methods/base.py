@@ -20,6 +20,11 @@ def default_finetune() -> TrainConfig:
     return TrainConfig(epochs=5, optimizer=SGD(lr=0.01), schedule=Cosine())
 
 
+#: Key of a recipe's info dict holding other pruned models it produced ({path under out_dir:
+#: model}); compress moves them to CompressResult.extras and saves each there.
+EXTRA_MODELS = "models"
+
+
 @dataclass(frozen=True)
 class PruneRecipe:
     """Base of the channel-pruning recipes: a FLOPs or params fraction to keep, width rules."""

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.methods.base import CompressContext
+from kdprune.io import save_pruned
+from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import compare_latency, complexity, format_markdown, layer_widths
 from kdprune.training import evaluate
@@ -26,6 +27,9 @@ class CompressResult:
     model: nn.Module
     report: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    # Other pruned models the method produced, by their path under out_dir (Cascade's teaching
+    # assistants: "assistants/ta1", ...); each also saved there.
+    extras: dict[str, nn.Module] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The before/after table as Markdown."""
@@ -73,6 +77,7 @@ def compress(
     out = Path(out_dir) if out_dir is not None else None
     ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
     pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
+    extras = info.pop(EXTRA_MODELS, {})
     pruned.eval()
     report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, val, x),
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
@@ -82,7 +87,9 @@ def compress(
     report["meta"] = run_metadata()
     if out is not None and is_main_process():
         _save(out, pruned, report, factory)
-    return CompressResult(pruned, report, out)
+        for name, m in extras.items():
+            save_pruned(m, out / name, factory=factory)
+    return CompressResult(pruned, report, out, extras)
 
 
 def _recipe_record(recipe: Any) -> dict[str, Any]:
@@ -90,8 +97,6 @@ def _recipe_record(recipe: Any) -> dict[str, Any]:
 
 
 def _save(out: Path, model: nn.Module, report: dict, factory) -> None:
-    from kdprune.io import save_pruned
-
     out.mkdir(parents=True, exist_ok=True)
     save_pruned(model, out / "model", factory=factory)
     write_json(out / "report.json", report)

@@ -1,7 +1,7 @@
 """Training: typed configs, the loop (DDP, resume, progress), evaluation, checkpoints."""
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
 from kdprune.training.config import SGD, Adam, AdamW, Anneal, Constant, Cosine, OneCycle, Step, TrainConfig
-from kdprune.training.evaluate import evaluate
+from kdprune.training.evaluate import evaluate, recalibrate_bn
 from kdprune.training.loop import TrainResult, check_input_compat, resolve_device, train
 from kdprune.training.params import param_groups
 from kdprune.training.runner import TaskModule
@@ -9,5 +9,6 @@ from kdprune.training.runner import TaskModule
 __all__ = [
     "Adam", "AdamW", "Anneal", "Callback", "Constant", "Cosine", "LoopState", "OneCycle", "SGD", "Step",
     "StopTraining", "TaskModule", "TrainConfig", "TrainResult", "check_input_compat", "evaluate", "param_groups",
+    "recalibrate_bn",
     "resolve_device", "train",
 ]
