@@ -24,12 +24,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune
 import argparse
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import kdprune as kp
-from common import LATENCY_NOTE, add_latency, dense_control, run_recipe, write_results
+from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, mean_std, read_jsonl,
+                    run_recipe, write_results)
+from kdprune.utils.meta import run_metadata
 
 BASE = "pretrained:resnet20-fmnist"
+JSONL = RESULTS / "cascade_fmnist_runs.jsonl"
+MACHINE = "2-core CPU, 1 thread per run, two runs at once"
 
 
 def _cfg(args: argparse.Namespace, epochs: int) -> kp.TrainConfig:
@@ -51,22 +57,37 @@ def _tag(name: str, t: float, seed: int) -> str:
     return f"{name.lower().replace(' ', '').replace('(', '-').replace(')', '')}-f{t}-s{seed}"
 
 
-def _report(runs: Path, name: str, t: float, seed: int) -> dict | None:
-    f = runs / _tag(name, t, seed) / "report.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+def _wall(tag: str) -> float | None:
+    """A finished run's wall seconds, from the committed JSONL (runs/ does not outlive a session)."""
+    return next((r["wall_s"] for r in read_jsonl(JSONL) if r["run"] == tag), None)
 
 
 def walltime_recipes(args: argparse.Namespace, t: float) -> dict[str, object]:
     """L1Finetune and KDFinetune with as many epochs as fit in Cascade (2 TA)'s wall time."""
-    budget = _report(args.runs, "Cascade (2 TA)", t, args.seed)
+    budget = _wall(_tag("Cascade (2 TA)", t, args.seed))
     if budget is None:
-        raise SystemExit(f"run the equal-epoch grid at target {t} first")
+        raise SystemExit(f"run the equal-epoch grid at target {t}, seed {args.seed} first")
     out, total = {}, args.cascade_epochs + args.finetune_epochs
     for name, cls in (("L1Finetune", kp.recipes.L1Finetune), ("KDFinetune", kp.recipes.KDFinetune)):
-        per_epoch = _report(args.runs, name, t, args.seed)["wall_time_s"] / total
-        epochs = max(total, math.floor(budget["wall_time_s"] / per_epoch))
+        per_epoch = _wall(_tag(name, t, args.seed)) / total
+        epochs = max(total, math.floor(budget / per_epoch))
         out[f"{name} (equal wall, {epochs} ep)"] = cls(target_flops=t, finetune=_cfg(args, epochs))
     return out
+
+
+def _record(args: argparse.Namespace, tag: str, rep: dict, phase: str) -> None:
+    """Commit-ready: one JSONL line per finished run, written as soon as it finishes."""
+    if "after" not in rep:
+        print("failed:", tag, rep, flush=True)
+        return
+    r = rep["recipe"]
+    append_jsonl(JSONL, {
+        "run": tag, "recipe": r["type"], "assistants": r.get("assistants"), "target_flops": r["target_flops"],
+        "epochs": _epochs(r), "phase": phase, "seed": args.seed, "top1": rep["after"]["top1"],
+        "flops_kept": round(rep["after"]["flops"] / rep["before"]["flops"], 4),
+        "params_kept": round(rep["after"]["params"] / rep["before"]["params"], 4), "wall_s": rep["wall_time_s"],
+        "base_top1": rep["before"]["top1"], "commit": run_metadata()["git_commit"], "machine": MACHINE,
+        "command": "python " + " ".join(sys.argv)})
 
 
 def run_grid(args: argparse.Namespace, base, train, test) -> None:
@@ -74,43 +95,68 @@ def run_grid(args: argparse.Namespace, base, train, test) -> None:
     for t in args.targets:
         grid = walltime_recipes(args, t) if args.walltime else equal_epoch_recipes(args, t)
         for name, recipe in grid.items():
-            rep, _ = run_recipe(recipe, base, train, test, args.runs / _tag(name, t, args.seed))
-            print(name, t, rep.get("after", rep), flush=True)
-    if not args.walltime and 0.5 in args.targets:
-        dense_control(base, train, test, _cfg(args, args.cascade_epochs + args.finetune_epochs),
-                      args.runs / f"dense-control-s{args.seed}")
+            tag = _tag(name, t, args.seed)
+            if _wall(tag) is not None:
+                continue  # committed already
+            rep, _ = run_recipe(recipe, base, train, test, args.runs / tag)
+            _record(args, tag, rep, "equal wall" if args.walltime else "equal epochs")
+    if not args.walltime and 0.5 in args.targets and _wall(f"dense-control-s{args.seed}") is None:
+        start = time.perf_counter()
+        top1 = dense_control(base, train, test, _cfg(args, args.cascade_epochs + args.finetune_epochs),
+                             args.runs / f"dense-control-s{args.seed}")
+        append_jsonl(JSONL, {"run": f"dense-control-s{args.seed}", "recipe": "dense control", "seed": args.seed,
+                             "epochs": args.cascade_epochs + args.finetune_epochs, "top1": top1,
+                             "wall_s": round(time.perf_counter() - start, 1),
+                             "commit": run_metadata()["git_commit"], "machine": MACHINE,
+                             "command": "python " + " ".join(sys.argv)})
+
+
+def _label(r: dict) -> str:
+    if r["recipe"] == "Cascade":
+        return f"Cascade ({r['assistants']} TA)"
+    return f"{r['recipe']} ({r.get('epochs', 3)} ep)"
+
+
+def _aggregate(lines: list[dict]) -> list[dict]:
+    """One row per (method, target): test top-1 mean +- std over seeds, mean wall time and kept sizes."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in lines:
+        key = (_label(r), r.get("target_flops", 1.0))
+        if r["recipe"] != "dense control" and r.get("phase") == "equal wall":
+            key = (r["recipe"] + " (equal wall)", r["target_flops"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (label, t), rs in sorted(groups.items(), key=lambda kv: (-(kv[0][1] or 1), kv[0][0])):
+        mean = lambda k: round(sum(r[k] for r in rs) / len(rs), 4)  # noqa: E731
+        row = {"method": label, "target": t, "top1": mean_std([r["top1"] for r in rs]), "seeds": len(rs),
+               "epochs": "/".join(sorted({str(r.get("epochs", 3)) for r in rs})), "wall_s": round(mean("wall_s")),
+               "runs": [r["run"] for r in rs]}
+        if "flops_kept" in rs[0]:
+            row.update(flops_kept=mean("flops_kept"), params_kept=mean("params_kept"))
+        rows.append(row)
+    return rows
 
 
 def report(args: argparse.Namespace, base, train, test) -> None:
-    """Gather every finished run, measure latency, write the table."""
+    """Aggregate the committed JSONL over seeds; interleaved CPU latency of the models still in --runs."""
     x = kp.methods.infer_example_input(train)
     base_m = kp.methods.measure(base, test, x)
-    rows, models = [{"method": "dense base", "key": "dense base", "target": 1.0, **base_m}], {"dense base": base}
-    total = args.cascade_epochs + args.finetune_epochs
-    ctrl = dense_control(base, train, test, _cfg(args, total), args.runs / f"dense-control-s{args.seed}")
-    rows.append({"method": f"dense + {total} epochs (control)", "target": 1.0, **base_m, "top1": ctrl})
-    for d in sorted(p for p in args.runs.iterdir() if (p / "report.json").is_file()):
-        rep = json.loads((d / "report.json").read_text())
-        key = d.name
-        models[key] = kp.load_pruned(d / "model")
-        kept = rep["method"].get("flops_kept")
-        rows.append({"method": _label(rep), "key": key, "target": rep["recipe"]["target_flops"], **rep["after"],
-                     "epochs": _epochs(rep["recipe"]), "wall_s": rep["wall_time_s"],
-                     "assistant_flops": [round(k, 3) for k in kept[:-1]] if isinstance(kept, list) else ""})
+    rows = [{"method": "dense base", "key": "dense base", "target": 1.0, **base_m, "top1": f"{base_m['top1']:.2f}",
+             "runs": []}] + _aggregate(read_jsonl(JSONL))
+    models = {"dense base": base}
+    rows[0].pop("runs")
+    for row in rows[1:]:  # latency needs the model: any seed's run still in --runs (same target, same size)
+        d = next((args.runs / t for t in row.pop("runs") if (args.runs / t / "model").is_dir()), None)
+        if d is not None:
+            models[d.name], row["key"] = kp.load_pruned(d / "model"), d.name
+            row.update(kp.metrics.complexity(models[d.name], example_input=x).as_dict())
     add_latency(rows, models, base_m, tuple(x.shape[1:]))
-    cols = {"method": "method", "target": "FLOPs target", "top1": "test top-1 %", "flops_kept": "FLOPs kept",
-            "params_kept": "params kept", "epochs": "epochs", "wall_s": "wall s", "speedup_bs1": "speed-up bs1",
-            "speedup_bs64": "speed-up bs64", "assistant_flops": "TA FLOPs kept"}
-    extra = {"seeds": 1, "base": BASE, "train images": args.train_images, "latency": LATENCY_NOTE,
-             "schedule": "SGD lr 0.01 cosine per stage"}
+    cols = {"method": "method", "target": "FLOPs target", "top1": "test top-1 % (mean ± std, seeds)",
+            "flops_kept": "FLOPs kept", "params_kept": "params kept", "epochs": "epochs", "wall_s": "wall s",
+            "speedup_bs1": "speed-up bs1", "speedup_bs64": "speed-up bs64"}
+    extra = {"base": BASE, "train images": args.train_images, "latency": LATENCY_NOTE,
+             "schedule": "SGD lr 0.01 cosine per stage", "raw lines": "benchmarks/results/cascade_fmnist_runs.jsonl"}
     print(open(write_results("cascade_fmnist", rows, cols, extra)).read())
-
-
-def _label(rep: dict) -> str:
-    r = rep["recipe"]
-    if r["type"] == "Cascade":
-        return f"Cascade ({r['assistants']} TA)"
-    return f"{r['type']} ({r['finetune']['epochs']} ep)"
 
 
 def _epochs(r: dict) -> int:

@@ -75,3 +75,29 @@ def write_results(name: str, rows: list[dict[str, Any]], columns: dict[str, str]
         md.append(f"- {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
     return RESULTS / f"{name}.md"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every line of a committed results JSONL (empty when the file does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+
+
+def append_jsonl(path: Path, line: dict[str, Any], key: str = "run") -> bool:
+    """Append one finished run's line unless a line with the same key is there; True if written."""
+    if any(r.get(key) == line[key] for r in read_jsonl(path)):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    return True
+
+
+def mean_std(values: list[float]) -> str:
+    """'m +- s (n)' over seeds, or the single value when there is one."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    m = sum(values) / len(values)
+    s = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{m:.2f} ± {s:.2f} ({len(values)})"

@@ -5,9 +5,11 @@ from kdprune.methods.sdap import SDAP
 from kdprune.methods.kesi import KESI, KESIPFEC
 from kdprune.methods.oed import OED
 from kdprune.methods.cascade import Cascade
+from kdprune.methods.edp import EDP
 
 __all__ = ["GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe"]
 __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
 __all__ += ["OED"]
 __all__ += ["Cascade"]
+__all__ += ["EDP"]

@@ -140,3 +140,50 @@ def test_an_oed_result_feeds_sdap_and_kesi(toy_data):
     kesi = kp.compress(oed.model, kp.recipes.KESI(target_flops=0.6, rounds=2, finetune=ft, distill=ft), train, val,
                        latency=False)
     assert kesi.report["after"]["flops"] < oed.report["after"]["flops"]
+
+
+def _commit_state(step: int) -> "kp.training.LoopState":
+    from kdprune.training import LoopState
+    return LoopState(model=torch.nn.Identity(), optimizer=None, epoch=0, step=step, steps_per_epoch=10, epochs=2,
+                     lr=0.1)
+
+
+def test_block_commit_fixes_the_least_mask_blocks_ramps_them_to_zero_and_stops_the_rest():
+    from kdprune.methods.oed import BlockCommit
+    from kdprune.training.prox import FistaL1
+    masks = torch.nn.Parameter(torch.tensor([[0.9, 0.2, 0.8, 0.3], [0.5, 0.5, 0.1, 0.9]]))
+    costs = {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}
+    fista = FistaL1([masks], lam=0.5)
+    cb = BlockCommit(fista, masks, costs, goal=0.5, commit_at=0.25, ramp=0.2)  # commit at step 5, 4-step ramp
+    cb.on_optimizer_step(_commit_state(4))
+    assert cb.chosen == [None, None]
+    cb.on_optimizer_step(_commit_state(5))
+    assert cb.chosen == [["b", "d"], ["a", "c"]]  # per replica, the least total mask that keeps 50%
+    assert torch.equal(fista.lams[0], torch.zeros(2, 4))  # no more shrinking of the kept blocks
+    for step, frac in ((6, 0.75), (7, 0.5), (9, 0.0), (12, 0.0)):
+        masks.data[0, 1] = 1.0  # whatever FISTA proposes, the ramp caps it
+        cb.on_optimizer_step(_commit_state(step))
+        assert masks[0, 1].item() == pytest.approx(0.2 * frac) and masks[0, 0].item() == pytest.approx(0.9)
+    assert masks[1, 2].item() == 0.0 and masks[1, 0].item() == 0.0
+    fresh = BlockCommit(FistaL1([masks], 0.5), masks, costs, 0.5, 0.25, 0.2)
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.chosen == cb.chosen and fresh.at == cb.at and torch.equal(fresh.start[0], cb.start[0])
+
+
+def test_block_commit_commits_early_once_the_zero_masks_reach_the_target():
+    from kdprune.methods.oed import BlockCommit
+    from kdprune.training.prox import FistaL1
+    masks = torch.nn.Parameter(torch.tensor([[0.0, 0.7, 0.0, 0.3]]))
+    cb = BlockCommit(FistaL1([masks], 0.5), masks, {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}, 0.5, 0.9, 0.05)
+    cb.on_optimizer_step(_commit_state(1))
+    assert cb.chosen == [["a", "c"]] and cb.at == [1]
+
+
+def test_a_target_commits_blocks_during_the_cycle_and_removes_exactly_them(toy_data):
+    train, val = toy_data
+    recipe = OED(replicas=2, lam=0.5, target_params=0.7, commit_at=0.25, ramp=0.25, finetune=CYCLE, select_val=20)
+    res = kp.compress(_resnet(), recipe, train, val, latency=False)
+    info = res.report["method"]
+    assert abs(info["params_kept"] - 0.7) <= 0.01
+    assert info["removed_blocks"] == info["committed_blocks"][info["selected_replica"]]
+    assert info["zero_mask_blocks"] == len(info["removed_blocks"])  # zero during the cycle: nothing cut live

@@ -71,3 +71,33 @@ def test_callback_state_round_trip_resumes_identically():
 def test_callback_validates():
     with pytest.raises(ValueError, match="lam >= 0"):
         FistaL1([nn.Parameter(torch.ones(1))], lam=-1.0)
+
+
+def test_per_element_lam_equals_the_closed_form_and_survives_a_round_trip():
+    p = nn.Parameter(torch.tensor([0.5, 0.5, 0.5]))
+    cb = FistaL1([p], lam=1.0)
+    cb.set_lam(torch.tensor([0.0, 1.0, 4.0]))
+    p.grad = torch.zeros(3)
+    cb.on_optimizer_step(_state(p, 0.1))  # t = 1: no momentum; prox per element with tau = 0.1 * lam
+    assert p.detach().tolist() == pytest.approx([0.5, 0.4, 0.1])
+    fresh = FistaL1([nn.Parameter(p.detach().clone())], lam=1.0)
+    fresh.load_state_dict(cb.state_dict())
+    assert torch.equal(fresh.lams[0], torch.tensor([0.0, 1.0, 4.0]))
+    with pytest.raises(ValueError, match="per-element lam"):
+        cb.set_lam(torch.ones(2))
+
+
+def test_group_prox_equals_its_closed_form_on_coupled_slices():
+    from kdprune.training.prox import GroupLassoProx, GroupSlices, group_soft_threshold
+    a = nn.Parameter(torch.tensor([[3.0, 0.1], [0.3, 0.1]]))  # groups over rows (dim 0) ...
+    b = nn.Parameter(torch.tensor([[0.0, 12.0], [0.2, 0.0]]))  # ... coupled with b's columns (dim 1), reversed
+    fam = GroupSlices((a, b), (0, 1), (torch.tensor([0, 1]), torch.tensor([1, 0])), lam=2.0)
+    g0 = torch.cat([a[0].detach(), b[:, 1].detach()])  # group 0: a's row 0 with b's column 1
+    g1 = torch.cat([a[1].detach(), b[:, 0].detach()])
+    assert fam.norms().tolist() == pytest.approx([g0.norm().item(), g1.norm().item()])
+    want0, want1 = group_soft_threshold(g0, 0.5 * 2.0), group_soft_threshold(g1, 0.5 * 2.0)
+    cb = GroupLassoProx([fam])
+    cb.on_optimizer_step(_state(a, 0.5))
+    torch.testing.assert_close(torch.cat([a[0], b[:, 1]]).detach(), want0)
+    torch.testing.assert_close(torch.cat([a[1], b[:, 0]]).detach(), want1)
+    assert torch.equal(want1, torch.zeros(4)) and want0.norm() > 0  # ||g1|| = 0.37 < lr * lam = 1: exact zeros

@@ -121,10 +121,13 @@ class BudgetMeter(Generic[C]):
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, target: Target,
                  apply: Callable[[nn.Module, torch.Tensor, C], Any] = apply_plan,
-                 key: Callable[[C], Hashable] = _default_key, max_cache: int | None = None) -> None:
+                 key: Callable[[C], Hashable] = _default_key, max_cache: int | None = None,
+                 dense: Complexity | None = None) -> None:
         self.model, self.x, self.target, self.apply, self.key = model, example_input, target, apply, key
         self.max_cache = max_cache
-        self.dense = complexity(model, example_input=example_input)
+        # What kept fractions are relative to: the model itself, or the user's original model when
+        # ``model`` is an intermediate form (EDP's decomposed model costs more than the original).
+        self.dense = dense if dense is not None else complexity(model, example_input=example_input)
         self.evaluations = 0  # physical measurements (cache misses)
         self._cache: dict[Hashable, tuple[float, Complexity]] = {}
 

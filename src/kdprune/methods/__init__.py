@@ -7,6 +7,7 @@ from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import SDAP
 from kdprune.methods.oed import OED
 from kdprune.methods.cascade import Cascade
+from kdprune.methods.edp import EDP
 
 __all__ = ["CompressContext", "CompressResult", "GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe",
            "compress", "infer_example_input", "measure", "report_markdown", "run_recipe"]
@@ -14,3 +15,4 @@ __all__ += ["KESI", "KESIPFEC"]
 __all__ += ["SDAP"]
 __all__ += ["OED"]
 __all__ += ["Cascade"]
+__all__ += ["EDP"]

@@ -35,11 +35,12 @@ from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import complexity
 from kdprune.training import SGD, Step, TrainConfig, evaluate, train
+from kdprune.training.callbacks import Callback, LoopState
 from kdprune.training.prox import FistaL1
 
-__all__ = ["OED", "OEDNet", "OEDTask", "default_cycle", "select_blocks", "finish"]
+__all__ = ["OED", "OEDNet", "OEDTask", "BlockCommit", "block_costs", "default_cycle", "select_blocks", "finish"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: blocks committed during the cycle for a target
 
 
 def default_cycle() -> TrainConfig:
@@ -68,6 +69,12 @@ class OED:
     # weight tensor's std (ours; the paper does not say how its replicas differ).
     perturb: float = 0.02
     select_val: int = 5000  # training images held out to pick the best replica (never the test set)
+    # With a target (ours; the paper steers sparsity by lam alone): at ``commit_at`` of the cycle,
+    # or as soon as the zero masks reach the target, each replica fixes the least-mask blocks
+    # that meet it; those masks ramp linearly to 0 over ``ramp`` of the cycle and the other
+    # masks stop shrinking (lam 0), so the rest of the cycle trains the network without them.
+    commit_at: float = 0.25
+    ramp: float = 0.15
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -77,6 +84,8 @@ class OED:
             raise ValueError(f"OED.mask_lr must be > 0, got {self.mask_lr}")
         if self.perturb < 0:
             raise ValueError(f"OED.perturb must be >= 0, got {self.perturb}")
+        if not (0 <= self.commit_at < 1 and 0 <= self.ramp <= 1 - self.commit_at):
+            raise ValueError("OED needs 0 <= commit_at < 1 and 0 <= ramp <= 1 - commit_at")
         if self.select_val < 1:
             raise ValueError("OED.select_val must be >= 1: the best replica is chosen on held-out training images")
         if self.target_flops is not None or self.target_params is not None:
@@ -252,6 +261,63 @@ def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig
                    "flops_kept": after.flops / dense.flops, "params_kept": after.params / dense.params}
 
 
+class BlockCommit(Callback):
+    """For a target: per replica, fix the blocks to remove during the cycle (at ``commit_at`` of
+    its steps, or once the zero masks alone reach the target), ramp their masks linearly to 0 over
+    ``ramp`` of the steps and stop shrinking the others (their lam -> 0 in ``fista``)."""
+
+    def __init__(self, fista: FistaL1, masks: nn.Parameter, costs: dict[str, float], goal: float,
+                 commit_at: float, ramp: float) -> None:
+        self.fista, self.masks, self.names = fista, masks, list(costs)
+        self.costs, self.goal, self.commit_at, self.ramp = costs, goal, commit_at, ramp
+        self.chosen: list[list[str] | None] = [None] * masks.shape[0]
+        self.start: list[Tensor | None] = [None] * masks.shape[0]  # mask values at commit
+        self.at = [0] * masks.shape[0]  # step of the commit
+
+    def _kept(self, blocks: Sequence[str]) -> float:
+        return 1.0 - sum(self.costs[b] for b in blocks)  # removal costs add up (see select_blocks)
+
+    def _commit(self, k: int, step: int) -> None:
+        mask = dict(zip(self.names, self.masks[k].tolist()))
+        near = _subsets_near(self.costs, mask, 1.0 - self.goal)
+        if not near:
+            raise ValueError(f"OED: no set of whole blocks keeps {self.goal} within {TOLERANCE:.0%}")
+        self.chosen[k], self.start[k], self.at[k] = sorted(near[0]), self.masks[k].detach().clone(), step
+        lam = self.fista.lams[0]
+        lam = lam.clone() if isinstance(lam, Tensor) else torch.full_like(self.masks, lam)
+        lam[k] = 0.0  # the kept blocks stop shrinking; the chosen ones follow the ramp below
+        self.fista.set_lam(lam)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, state: LoopState) -> None:
+        """After FISTA's step: commit where due, then hold the chosen masks under their ramp."""
+        total = state.steps_per_epoch * state.epochs
+        for k in range(self.masks.shape[0]):
+            zeros = [b for b, v in zip(self.names, self.masks[k].tolist()) if v == 0.0]
+            if self.chosen[k] is None and (state.step >= self.commit_at * total
+                                           or self._kept(zeros) <= self.goal + TOLERANCE):
+                self._commit(k, state.step)
+            if self.chosen[k] is not None:
+                frac = 1.0 - (state.step - self.at[k]) / max(1.0, self.ramp * total)
+                idx = [self.names.index(b) for b in self.chosen[k]]
+                cap = self.start[k][idx] * max(0.0, frac)
+                self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "at": self.at,
+                "start": [s.clone() if s is not None else None for s in self.start]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.chosen, self.at = [list(c) if c is not None else None for c in state["chosen"]], list(state["at"])
+        self.start = [s.clone() if s is not None else None for s in state["start"]]
+
+
+def block_costs(model: nn.Module, x: Tensor, sites: dict[str, str], target: Target) -> dict[str, float]:
+    """Each block's removal cost (fraction of the dense metric), measured on an edited copy."""
+    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
+    return {b: 1.0 - meter.kept(frozenset({b})) for b in sites}
+
+
 def _held_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
     n = min(n, max(1, len(train_set) // 5))  # small (test) sets: at most a fifth held out
     return train_set.split(n, seed=seed)
@@ -266,9 +332,15 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     scale = recipe.mask_lr / recipe.finetune.optimizer.lr if recipe.mask_lr is not None else 1.0
     fista = FistaL1([net.masks], recipe.lam, scale, recipe.restart_on_decay)
     task = OEDTask(recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing)
+    callbacks: list[Callback] = [fista]
+    if recipe.target() is not None:  # after FISTA's step, so the ramp caps what FISTA produced
+        callbacks.append(BlockCommit(fista, net.masks, block_costs(model, x, sites, recipe.target()),
+                                     recipe.target().value, recipe.commit_at, recipe.ramp))
     res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
-                out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=[fista],
+                out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)
     pruned, info = finish(net, recipe, x.cpu(), held, recipe.finetune)
     info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history)
+    if len(callbacks) > 1:
+        info.update(committed_blocks=callbacks[1].chosen, committed_at_step=callbacks[1].at)
     return pruned, info

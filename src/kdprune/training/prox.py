@@ -1,7 +1,7 @@
-"""Proximal updates for parameters a method drives to exact zeros (OED's block masks): soft
-thresholding, the FISTA step of Beck & Teboulle (2009) in the form GAL/OED use, and a loop
-callback that owns the parameters and applies the step after each optimiser step with that
-step's own learning rate."""
+"""Proximal updates for parameters a method drives to exact zeros: soft thresholding, the FISTA
+step of Beck & Teboulle (2009) in the form GAL/OED use and a loop callback that owns OED's block
+masks; the group-lasso prox over coupled parameter slices (EDP's coefficient columns and rows).
+Each callback applies its step after the optimiser step with that step's own learning rate."""
 from __future__ import annotations
 
 import math
@@ -13,11 +13,12 @@ from torch import Tensor, nn
 
 from kdprune.training.callbacks import Callback, LoopState
 
-__all__ = ["soft_threshold", "FistaState", "fista_step", "FistaL1"]
+__all__ = ["soft_threshold", "FistaState", "fista_step", "FistaL1", "group_soft_threshold", "GroupSlices",
+           "GroupLassoProx"]
 
 
-def soft_threshold(x: Tensor, tau: float) -> Tensor:
-    """prox of tau*|x|_1: sign(x) * max(|x| - tau, 0)."""
+def soft_threshold(x: Tensor, tau: float | Tensor) -> Tensor:
+    """prox of tau*|x|_1: sign(x) * max(|x| - tau, 0) (tau a scalar or one per element)."""
     return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
 
 
@@ -29,7 +30,7 @@ class FistaState:
     prev: Tensor
 
 
-def fista_step(m: Tensor, grad: Tensor, state: FistaState, lr: float, lam: float,
+def fista_step(m: Tensor, grad: Tensor, state: FistaState, lr: float, lam: float | Tensor,
                nonneg: bool = True) -> Tensor:
     """One FISTA step (Beck & Teboulle 2009; OED/GAL form): t' = (1 + sqrt(1 + 4t^2)) / 2,
     y = m + (t - 1)/t' (m - m_prev), m' = max(0, soft(y - lr * grad, lr * lam)); updates state."""
@@ -53,11 +54,23 @@ class FistaL1(Callback):
                  restart_on_decay: bool = True, nonneg: bool = True) -> None:
         if lam < 0 or lr_scale <= 0:
             raise ValueError(f"FistaL1 needs lam >= 0 and lr_scale > 0, got lam={lam}, lr_scale={lr_scale}")
-        self.params, self.lam, self.lr_scale = list(params), float(lam), float(lr_scale)
+        self.params, self.lr_scale = list(params), float(lr_scale)
+        self.lams: list[float | Tensor] = [float(lam)] * len(self.params)
         self.restart_on_decay, self.nonneg = restart_on_decay, nonneg
         self.states = [FistaState(1.0, p.detach().clone()) for p in self.params]
         self.restart_lr: float | None = None
         self.restarts = 0
+
+    def set_lam(self, lam: float | Tensor, index: int = 0) -> None:
+        """Replace the L1 weight of parameter ``index`` (a scalar or one per element, e.g. 0 for
+        entries a method has stopped shrinking); saved with the state for exact resume."""
+        if isinstance(lam, Tensor):
+            if lam.shape != self.params[index].shape or bool((lam < 0).any()):
+                raise ValueError(f"per-element lam must be >= 0 with shape {tuple(self.params[index].shape)}")
+            lam = lam.detach().clone().to(self.params[index].device)
+        elif lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        self.lams[index] = lam
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The proximal parameters: the loop gives them gradients but no optimiser."""
@@ -81,16 +94,69 @@ class FistaL1(Callback):
         """The prox step with the learning rate the weights just used."""
         self._maybe_restart(state.lr)
         lr = self.lr_scale * state.lr
-        for p, s in zip(self.params, self.states):
+        for p, s, lam in zip(self.params, self.states, self.lams):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.copy_(fista_step(p.detach(), grad, s, lr, self.lam, self.nonneg))
+            p.copy_(fista_step(p.detach(), grad, s, lr, lam, self.nonneg))
             p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": [s.t for s in self.states], "prev": [s.prev.clone() for s in self.states],
-                "restart_lr": self.restart_lr, "restarts": self.restarts}
+                "restart_lr": self.restart_lr, "restarts": self.restarts,
+                "lam": [v.clone() if isinstance(v, Tensor) else v for v in self.lams]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for s, t, prev, p in zip(self.states, state["t"], state["prev"], self.params):
             s.t, s.prev = float(t), prev.to(p.device).clone()
         self.restart_lr, self.restarts = state["restart_lr"], int(state["restarts"])
+        for i, lam in enumerate(state.get("lam", self.lams)):  # checkpoints before per-element lam: unchanged
+            self.set_lam(lam, i)
+
+
+def group_soft_threshold(v: Tensor, tau: float) -> Tensor:
+    """prox of tau * ||v||_2 (group lasso, Yuan & Lin 2006): v * max(0, 1 - tau / ||v||_2)."""
+    norm = v.norm()
+    return v * torch.clamp(1.0 - tau / norm.clamp_min(1e-30), min=0.0)
+
+
+@dataclass(frozen=True)
+class GroupSlices:
+    """A family of L2 groups over slices of parameters: group g is the union over members k of
+    ``params[k]`` at index ``index[k][g]`` along dim ``dims[k]`` (one coupled channel per member)."""
+
+    params: tuple[nn.Parameter, ...]
+    dims: tuple[int, ...]
+    index: tuple[Tensor, ...]  # per member: local channel of each group (long, same length)
+    lam: float
+
+    def norms(self) -> Tensor:
+        """||group g||_2 for every group."""
+        sq = [p.detach().pow(2).sum(dim=[d for d in range(p.dim()) if d != dim])[idx]
+              for p, dim, idx in zip(self.params, self.dims, self.index)]
+        return torch.stack(sq).sum(0).sqrt()
+
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        """Every group g scaled by max(0, 1 - lr * lam / ||g||_2) in place (exact zeros below it)."""
+        scale = torch.clamp(1.0 - lr * self.lam / self.norms().clamp_min(1e-30), min=0.0)
+        for p, dim, idx in zip(self.params, self.dims, self.index):
+            full = torch.ones(p.shape[dim], dtype=p.dtype, device=p.device)
+            full[idx.to(p.device)] = scale.to(p.dtype).to(p.device)
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            p.mul_(full.view(shape))
+
+
+class GroupLassoProx(Callback):
+    """After every optimiser step, the group-lasso prox on each family with that step's learning
+    rate (times ``lr_scale``): the penalty acts through the prox only. Stateless, so resume is exact."""
+
+    def __init__(self, families: Sequence[GroupSlices], lr_scale: float = 1.0) -> None:
+        if lr_scale <= 0 or any(f.lam < 0 for f in families):
+            raise ValueError("GroupLassoProx needs lr_scale > 0 and every lam >= 0")
+        self.families, self.lr_scale = list(families), float(lr_scale)
+
+    def on_optimizer_step(self, state: LoopState) -> None:
+        """The prox with the learning rate the weights just used."""
+        for f in self.families:
+            if f.lam > 0:
+                f.prox_(self.lr_scale * state.lr)
