@@ -22,16 +22,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
 
 import argparse
-import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import kdprune as kp
-from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, mean_std, read_jsonl,
-                    run_recipe, write_results)
-from kdprune.utils.meta import run_metadata
+from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, group_lines, load_row_models,
+                    mean_std, provenance, read_jsonl, run_recipe, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "cascade_fmnist_runs.jsonl"
@@ -86,8 +83,7 @@ def _record(args: argparse.Namespace, tag: str, rep: dict, phase: str) -> None:
         "epochs": _epochs(r), "phase": phase, "seed": args.seed, "top1": rep["after"]["top1"],
         "flops_kept": round(rep["after"]["flops"] / rep["before"]["flops"], 4),
         "params_kept": round(rep["after"]["params"] / rep["before"]["params"], 4), "wall_s": rep["wall_time_s"],
-        "base_top1": rep["before"]["top1"], "commit": run_metadata()["git_commit"], "machine": MACHINE,
-        "command": "python " + " ".join(sys.argv)})
+        "base_top1": rep["before"]["top1"], **provenance(MACHINE)})
 
 
 def run_grid(args: argparse.Namespace, base, train, test) -> None:
@@ -106,9 +102,7 @@ def run_grid(args: argparse.Namespace, base, train, test) -> None:
                              args.runs / f"dense-control-s{args.seed}")
         append_jsonl(JSONL, {"run": f"dense-control-s{args.seed}", "recipe": "dense control", "seed": args.seed,
                              "epochs": args.cascade_epochs + args.finetune_epochs, "top1": top1,
-                             "wall_s": round(time.perf_counter() - start, 1),
-                             "commit": run_metadata()["git_commit"], "machine": MACHINE,
-                             "command": "python " + " ".join(sys.argv)})
+                             "wall_s": round(time.perf_counter() - start, 1), **provenance(MACHINE)})
 
 
 def _label(r: dict) -> str:
@@ -119,13 +113,12 @@ def _label(r: dict) -> str:
 
 def _aggregate(lines: list[dict]) -> list[dict]:
     """One row per (method, target): test top-1 mean +- std over seeds, mean wall time and kept sizes."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in lines:
-        key = (_label(r), r.get("target_flops", 1.0))
+    def key(r: dict) -> tuple:
         if r["recipe"] != "dense control" and r.get("phase") == "equal wall":
-            key = (r["recipe"] + " (equal wall)", r["target_flops"])
-        groups.setdefault(key, []).append(r)
-    rows = []
+            return r["recipe"] + " (equal wall)", r["target_flops"]
+        return _label(r), r.get("target_flops", 1.0)
+
+    groups, rows = group_lines(lines, key), []
     for (label, t), rs in sorted(groups.items(), key=lambda kv: (-(kv[0][1] or 1), kv[0][0])):
         mean = lambda k: round(sum(r[k] for r in rs) / len(rs), 4)  # noqa: E731
         row = {"method": label, "target": t, "top1": mean_std([r["top1"] for r in rs]), "seeds": len(rs),
@@ -143,13 +136,7 @@ def report(args: argparse.Namespace, base, train, test) -> None:
     base_m = kp.methods.measure(base, test, x)
     rows = [{"method": "dense base", "key": "dense base", "target": 1.0, **base_m, "top1": f"{base_m['top1']:.2f}",
              "runs": []}] + _aggregate(read_jsonl(JSONL))
-    models = {"dense base": base}
-    rows[0].pop("runs")
-    for row in rows[1:]:  # latency needs the model: any seed's run still in --runs (same target, same size)
-        d = next((args.runs / t for t in row.pop("runs") if (args.runs / t / "model").is_dir()), None)
-        if d is not None:
-            models[d.name], row["key"] = kp.load_pruned(d / "model"), d.name
-            row.update(kp.metrics.complexity(models[d.name], example_input=x).as_dict())
+    models = {"dense base": base, **load_row_models(rows, [args.runs], x)}
     add_latency(rows, models, base_m, tuple(x.shape[1:]))
     cols = {"method": "method", "target": "FLOPs target", "top1": "test top-1 % (mean ± std, seeds)",
             "flops_kept": "FLOPs kept", "params_kept": "params kept", "epochs": "epochs", "wall_s": "wall s",

@@ -101,3 +101,29 @@ def mean_std(values: list[float]) -> str:
     m = sum(values) / len(values)
     s = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{m:.2f} ± {s:.2f} ({len(values)})"
+
+
+def provenance(machine: str) -> dict[str, Any]:
+    """What every committed result line carries: commit, machine and the command that made it."""
+    return {"commit": run_metadata()["git_commit"], "machine": machine, "command": "python " + " ".join(sys.argv)}
+
+
+def load_row_models(rows: list[dict[str, Any]], folders: list[Path], example: Any) -> dict[str, Any]:
+    """For each row, the first of its ``runs`` (popped) whose model is still in one of ``folders``:
+    loaded, measured into the row, keyed for add_latency (any seed: same target, same size)."""
+    models = {}
+    for row in rows:
+        dirs = [f / tag / "model" for tag in row.pop("runs", []) for f in folders]
+        d = next((d for d in dirs if d.is_dir()), None)
+        if d is not None:
+            models[d.parent.name], row["key"] = kp.load_pruned(d), d.parent.name
+            row.update(kp.metrics.complexity(models[d.parent.name], example_input=example).as_dict())
+    return models
+
+
+def group_lines(lines: list[dict[str, Any]], key: Any) -> dict[Any, list[dict[str, Any]]]:
+    """Result lines grouped by ``key(line)`` (e.g. method and target, across seeds), in first-seen order."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for r in lines:
+        groups.setdefault(key(r), []).append(r)
+    return groups

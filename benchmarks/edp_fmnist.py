@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 
 import kdprune as kp
-from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, mean_std, read_jsonl, run_recipe,
-                    write_results)
-from kdprune.utils.meta import run_metadata
+from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, group_lines, load_row_models, mean_std,
+                    provenance, read_jsonl, run_recipe, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "edp_fmnist_runs.jsonl"
@@ -87,8 +86,7 @@ def _record(args: argparse.Namespace, tag: str, rep: dict, top1: float, held_top
         line.update(lam=r["lam_col"], kd_alpha=r["kd_alpha"], merged=m["merged"], layers=m["layers"])
     if held_top1 is not None:
         line["held_top1"] = held_top1
-    append_jsonl(JSONL, {**line, "base_top1": rep["before"]["top1"], "commit": run_metadata()["git_commit"],
-                         "machine": MACHINE, "command": "python " + " ".join(sys.argv)})
+    append_jsonl(JSONL, {**line, "base_top1": rep["before"]["top1"], **provenance(MACHINE)})
 
 
 def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
@@ -143,10 +141,7 @@ def _rows(args: argparse.Namespace) -> list[dict]:
     keep = [r for r in read_jsonl(JSONL) if not r["run"].startswith("sweep-")]
     keep += [r for r in read_jsonl(CASCADE) if r["recipe"] in ("L1Finetune", "KDFinetune", "dense control")
              and r.get("phase", "equal epochs") == "equal epochs"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in keep:
-        groups.setdefault((_label(r), r.get("target_flops", 1.0)), []).append(r)
-    rows = []
+    groups, rows = group_lines(keep, lambda r: (_label(r), r.get("target_flops", 1.0))), []
     for (label, t), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         row = {"method": label, "target": t, "top1": mean_std([r["top1"] for r in rs]), "seeds": len(rs),
                "wall_s": round(sum(r["wall_s"] for r in rs) / len(rs)), "runs": [r["run"] for r in rs]}
@@ -163,14 +158,11 @@ def report(args: argparse.Namespace, base, train, test) -> None:
     base_m = kp.methods.measure(base, test, x)
     rows = [{"method": "dense base", "key": "dense base", "target": 1.0, **base_m, "top1": f"{base_m['top1']:.2f}"}]
     rows += _rows(args)
-    models, shape = {"dense base": base}, tuple(x.shape[1:])
-    for row in rows[1:]:
-        dirs = [d / t / "model" for t in row.pop("runs") for d in (args.runs, args.cascade_runs)]
-        d = next((d for d in dirs if d.is_dir()), None)
-        if d is not None:
-            models[d.parent.name], row["key"] = kp.load_pruned(d), d.parent.name
-            row.update(kp.metrics.complexity(models[d.parent.name], example_input=x).as_dict(),
-                       peak_mib=peak_inference_mib(d, shape))
+    shape = tuple(x.shape[1:])
+    models = {"dense base": base, **load_row_models(rows, [args.runs, args.cascade_runs], x)}
+    for row in (r for r in rows if r.get("key") in models):
+        folder = next(f for f in (args.runs, args.cascade_runs) if (f / row["key"] / "model").is_dir())
+        row["peak_mib"] = peak_inference_mib(folder / row["key"] / "model", shape)
     add_latency(rows, models, base_m, shape)
     cols = {"method": "method", "target": "FLOPs target", "top1": "test top-1 % (mean ± std, seeds)",
             "flops_kept": "FLOPs kept", "params_kept": "params kept", "ranks": "ranks kept (unmerged layers)",

@@ -22,16 +22,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import kdprune as kp
-from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, mean_std, read_jsonl,
-                    run_recipe, write_results)
-from kdprune.utils.meta import run_metadata
+from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, group_lines, load_row_models,
+                    mean_std, provenance, read_jsonl, run_recipe, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "oed_fmnist_runs.jsonl"
@@ -91,8 +89,7 @@ def _line(args: argparse.Namespace, tag: str, rep: dict, held, model) -> dict:
                     zero_mask_blocks=m["zero_mask_blocks"],
                     masks=[round(v, 3) for v in m["masks"][m["selected_replica"]]],
                     replica_held_top1=m["replica_val_top1"], held_top1=kp.evaluate(model, held)["top1"])
-    return {**line, "commit": run_metadata()["git_commit"], "machine": MACHINE,
-            "command": "python " + " ".join(sys.argv)}
+    return {**line, **provenance(MACHINE)}
 
 
 def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
@@ -112,8 +109,7 @@ def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
         top1 = dense_control(base, train, test, _cfg(args, args.epochs), args.runs / f"dense-s{args.seed}")
         append_jsonl(JSONL, {"run": f"dense-control-{args.epochs}ep-s{args.seed}", "recipe": "dense control",
                              "seed": args.seed, "epochs": args.epochs, "top1": top1,
-                             "wall_s": round(time.perf_counter() - start, 1), "commit": run_metadata()["git_commit"],
-                             "machine": MACHINE, "command": "python " + " ".join(sys.argv)})
+                             "wall_s": round(time.perf_counter() - start, 1), **provenance(MACHINE)})
 
 
 def _label(r: dict) -> str:
@@ -124,11 +120,8 @@ def _label(r: dict) -> str:
 
 def _aggregate(lines: list[dict]) -> list[dict]:
     """One row per run kind: test top-1 mean +- std over seeds and the means of the rest."""
-    groups: dict[str, list[dict]] = {}
-    for r in lines:
-        groups.setdefault(r["run"].rsplit("-s", 1)[0], []).append(r)
     rows = []
-    for key, rs in groups.items():
+    for rs in group_lines(lines, lambda r: r["run"].rsplit("-s", 1)[0]).values():
         mean = lambda k: round(sum(r[k] for r in rs) / len(rs), 4)  # noqa: E731
         row = {"method": _label(rs[0]), "top1": mean_std([r["top1"] for r in rs]), "epochs": rs[0]["epochs"],
                "wall_s": round(mean("wall_s")), "runs": [r["run"] for r in rs]}
@@ -144,12 +137,7 @@ def report(args: argparse.Namespace, base, train, test) -> None:
     base_m = kp.methods.measure(base, test, x)
     rows = [{"method": "dense base", "key": "dense base", **base_m, "top1": f"{base_m['top1']:.2f}"}]
     rows += _aggregate(read_jsonl(JSONL))
-    models = {"dense base": base}
-    for row in rows[1:]:
-        d = next((args.runs / t for t in row.pop("runs") if (args.runs / t / "model").is_dir()), None)
-        if d is not None:
-            models[d.name], row["key"] = kp.load_pruned(d / "model"), d.name
-            row.update(kp.metrics.complexity(models[d.name], example_input=x).as_dict())
+    models = {"dense base": base, **load_row_models(rows, [args.runs], x)}
     add_latency(rows, models, base_m, tuple(x.shape[1:]))
     cols = {"method": "method", "top1": "test top-1 % (mean ± std, seeds)", "held_top1": "held-out top-1 %",
             "flops_kept": "FLOPs kept", "params_kept": "params kept", "blocks_removed": "blocks removed",
