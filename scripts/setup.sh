@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: venv, torch pinned FIRST (a newer torch pulls GBs of CUDA wheels),
-# the package with its dev extra, and the Fashion-MNIST Debian package when we are root.
+# the package with its dev and export extras (onnx, onnxruntime, onnxscript: pinned in constraints.txt,
+# so the ONNX parity tests run in CI), and the Fashion-MNIST Debian package when we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-dev}"
+EXTRAS="${EXTRAS:-dev,export}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"

@@ -1,7 +1,7 @@
 """kdprune: structured pruning of CNNs guided by knowledge distillation.
 
 The public API (see DESIGN.md): `create_model`, `data.load`, `train`/`TrainConfig`, `compress`
-with `recipes`, `save_pruned`/`load_pruned`, `complexity`, `evaluate`. Names load lazily so
+with `recipes`, `save_pruned`/`load_pruned`, `export`/`ExportFormat`/`fold_bn`, `complexity`, `evaluate`. Names load lazily so
 that `import kdprune` (and the CLI's --help) stays fast.
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ _LAZY: dict[str, str] = {
     "complexity": "kdprune.metrics",
     "save_pruned": "kdprune.io",
     "load_pruned": "kdprune.io",
+    "fold_bn": "kdprune.io",
+    "export": "kdprune.io",
+    "ExportFormat": "kdprune.io",
     "compress": "kdprune.methods",
     "CompressResult": "kdprune.methods",
     "Target": "kdprune.engine",

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from kdprune.cli.common import add_data_args, load_source_data, model_dir, source_path
+
+BACKENDS = ("eager", "channels-last", "torchscript", "onnxruntime")
 
 
 def add_parser(sub) -> None:
@@ -16,6 +19,11 @@ def add_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
+    p.add_argument("--backend", nargs="+", choices=[*BACKENDS, "all"], metavar="BACKEND",
+                   help=f"latency backends, timed interleaved ({', '.join(BACKENDS)}, all; default eager); "
+                        "implies --latency")
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds per backend and batch size (default 20)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -29,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
     data, _, val = load_source_data(path, args)
     report = {"model": str(path), "data": data["data"], **kp.evaluate(model, val, batch_size=args.batch_size)}
     report.update(kp.complexity(model, input_size=(1, *val.images.shape[1:])).as_dict())
-    if args.latency:
-        lat = kp.metrics.measure_latency(model, tuple(val.images.shape[1:]))
-        report["latency_ms"] = {bs: r["median_ms"] for bs, r in lat.items()}
+    if args.latency or args.backend:
+        report.update(_latency(model, tuple(val.images.shape[1:]), args))
     print(json.dumps(report, indent=2) if args.json else _format(report))
     return 0
 
@@ -40,6 +47,53 @@ def _format(r: dict) -> str:
     lines = [f"{r['model']} on {r['data']} ({int(r['n'])} images)",
              f"  top1 {r['top1']:.2f}%  top5 {r['top5']:.2f}%  loss {r['loss']:.4f}",
              f"  params {r['params']:,}  MACs {r['macs']:,}  FLOPs {r['flops']:,}"]
-    if "latency_ms" in r:
-        lines.append("  latency " + "  ".join(f"bs{b}: {ms:.2f} ms" for b, ms in r["latency_ms"].items()))
+    if "latency" in r:
+        lines += _format_latency(r["latency"])
     return "\n".join(lines)
+
+
+def _format_latency(lat: dict) -> list[str]:
+    names = list(lat["backends"])
+    many = len(names) > 1
+    head = f"  latency: interleaved medians, {lat['threads']} thread(s), {lat['rounds']} rounds"
+    lines = [head + (f"; (x) = speed-up over {names[0]}" if many else "")]
+    for name, per_bs in lat["backends"].items():
+        cells = []
+        for bs, s in per_bs.items():
+            cells.append(f"bs{bs}: {s['median_ms']:.2f} ms" + (f" ({s['vs_first_backend']:.2f}x)" if many else ""))
+        lines.append(f"    {name:<14} " + "  ".join(cells))
+    return lines
+
+
+def _backends(names: list[str] | None) -> list:
+    """The typed backends the --backend names select (`all`: every installed one)."""
+    from kdprune.metrics import Backend, available_backends
+    from kdprune.registry import choices_of
+
+    if not names:
+        return [Backend.EAGER]
+    if "all" in names:
+        found = list(available_backends())
+        if Backend.ONNXRUNTIME not in found:
+            print("kdprune eval: note: onnxruntime is not installed, so `all` skips it", file=sys.stderr)
+        return found
+    picked = [choices_of(Backend)[n] for n in dict.fromkeys(names)]
+    if Backend.ONNXRUNTIME in picked and Backend.ONNXRUNTIME not in available_backends():
+        raise ValueError("--backend onnxruntime needs onnx, onnxscript and onnxruntime: "
+                         "`pip install -c constraints.txt onnx onnxruntime onnxscript`")
+    return picked
+
+
+def _latency(model, input_size: tuple[int, ...], args: argparse.Namespace) -> dict:
+    """Interleaved medians per backend at batch 1 and 64 (the first backend also fills latency_ms)."""
+    from kdprune.metrics import compare_backends
+
+    backends = _backends(args.backend)
+    res = compare_backends({"model": model}, input_size, backends, batch_sizes=(1, 64), threads=args.threads,
+                           rounds=args.rounds)["model"]
+    keep = ("median_ms", "p10_ms", "p90_ms", "vs_first_backend")
+    per = {b: {bs: {k: s[k] for k in keep} for bs, s in v.items()} for b, v in res.items()}
+    first = next(iter(res.values()))
+    threads = next(iter(first.values()))["threads"]
+    return {"latency_ms": {bs: s["median_ms"] for bs, s in first.items()},
+            "latency": {"threads": threads, "rounds": args.rounds, "backends": per}}

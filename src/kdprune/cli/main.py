@@ -5,15 +5,15 @@ import argparse
 import sys
 
 # Importing kdprune (the package, first) sets OMP_WAIT_POLICY=PASSIVE unless the user set it.
-from kdprune.cli import compress_cmd, eval_cmd, info_cmd, train_cmd
+from kdprune.cli import compress_cmd, eval_cmd, export_cmd, info_cmd, train_cmd
 
-COMMANDS = (train_cmd, compress_cmd, eval_cmd, info_cmd)
+COMMANDS = (train_cmd, compress_cmd, eval_cmd, export_cmd, info_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-command per module in COMMANDS."""
     p = argparse.ArgumentParser(prog="kdprune", description="Structured pruning of CNNs guided by "
-                                "knowledge distillation: train, compress, evaluate, inspect.")
+                                "knowledge distillation: train, compress, evaluate, export, inspect.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in COMMANDS:
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, CheckpointError) as e:
+    # ImportError: an optional dependency (onnx, onnxruntime) is missing; the message says what to install
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, CheckpointError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kdprune {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -19,9 +19,10 @@ from torch import nn
 
 from kdprune.engine.masks import MASKS_ATTR
 from kdprune.engine.structure import FORMAT_VERSION, StructureLog, get_structure, replay
+from kdprune.io.fold import FOLDED_ATTR
 from kdprune.utils.meta import atomic_write_bytes, write_json
 
-__all__ = ["save_pruned", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name"]
+__all__ = ["save_pruned", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name", "state_sha256"]
 
 STRUCTURE_FILE = "structure.json"
 FACTORY_ATTR = "kdprune_factory"
@@ -60,6 +61,16 @@ def _split_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return tensors, aliases
 
 
+def _weights_blob(model: nn.Module) -> tuple[bytes, dict[str, str]]:
+    tensors, aliases = _split_shared(model.state_dict())
+    return st_save(tensors, metadata={"format": "pt"}), aliases
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of the model's weights as ``save_pruned`` writes them (its ``weights_sha256``)."""
+    return hashlib.sha256(_weights_blob(model)[0]).hexdigest()
+
+
 def _model_record(model: nn.Module, factory: Callable[[], nn.Module] | None) -> dict[str, Any]:
     spec = getattr(model, "kdprune_spec", None)
     # A model loaded through a factory remembers it, so it can be re-saved without repeating it.
@@ -91,10 +102,12 @@ def save_pruned(model: nn.Module, directory: str | Path, factory: Callable[[], n
     if getattr(model, MASKS_ATTR, None) is not None:
         raise ValueError("save_pruned: the model has soft masks attached; fold_gates_into_bn / "
                          "apply the masks (masks_to_plan + apply_plan) or MaskSet.remove() first")
+    if getattr(model, FOLDED_ATTR, None):
+        raise ValueError("save_pruned: the model has BatchNorm folded into its convs (fold_bn), which "
+                         "load_pruned cannot replay; save the model before folding (export folds it itself)")
     directory = Path(directory)
     rec = _model_record(model, factory)
-    tensors, aliases = _split_shared(model.state_dict())
-    blob = st_save(tensors, metadata={"format": "pt"})
+    blob, aliases = _weights_blob(model)
     log = get_structure(model) or StructureLog()
     record = {
         "format_version": FORMAT_VERSION,

@@ -1,4 +1,4 @@
-"""Accuracy, params/MACs/FLOPs, per-layer tables, latency."""
+"""Accuracy, params/MACs/FLOPs, per-layer tables, latency (per backend)."""
 from kdprune.metrics.accuracy import AccuracyMeter, topk_accuracy, topk_correct
 from kdprune.metrics.complexity import (
     Complexity,
@@ -9,11 +9,15 @@ from kdprune.metrics.complexity import (
     layer_table,
     layer_widths,
 )
-from kdprune.metrics.latency import compare_latency, measure_latency
+from kdprune.metrics.backends import Backend, available_backends
+from kdprune.metrics.latency import compare_backends, compare_latency, measure_latency
 
 __all__ = [
     "AccuracyMeter",
+    "Backend",
     "Complexity",
+    "available_backends",
+    "compare_backends",
     "compare_latency",
     "complexity",
     "count_params",

@@ -1,12 +1,16 @@
-"""Forward-pass latency: single-model sweeps and interleaved multi-model comparisons."""
+"""Forward-pass latency: single-model sweeps, interleaved multi-model comparisons, and the same on
+several backends (eager, channels-last, TorchScript, ONNX Runtime; see ``backends``)."""
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from kdprune.metrics.backends import Backend, bind_backend
 
 
 def _percentile(sorted_vals: Sequence[float], q: float) -> float:
@@ -99,6 +103,38 @@ def measure_latency(
     return results
 
 
+def _interleave(binders: Mapping[Any, Callable[[torch.Tensor], Callable[[], Any]]], input_size: Sequence[int],
+                batch_sizes: Sequence[int], warmup: int, rounds: int, device: torch.device
+                ) -> dict[Any, dict[int, list[float]]]:
+    """Seconds per call of every binder's bound call, per batch size, timed round-robin."""
+    keys = list(binders)
+    times: dict[Any, dict[int, list[float]]] = {k: {int(b): [] for b in batch_sizes} for k in keys}
+    for bs in batch_sizes:
+        x = torch.randn(bs, *input_size, device=device)
+        calls = {k: binders[k](x) for k in keys}
+        for k in keys:
+            for _ in range(warmup):  # allocator, caches, oneDNN/ORT kernel selection
+                calls[k]()
+        for r in range(rounds):
+            # Interleave so a noisy burst hits every model alike, and rotate the
+            # starting model so none is always timed right after the same neighbour.
+            for i in range(len(keys)):
+                k = keys[(r + i) % len(keys)]
+                _sync(device)
+                t0 = time.perf_counter()
+                calls[k]()
+                _sync(device)
+                times[k][int(bs)].append(time.perf_counter() - t0)
+    return times
+
+
+def _speedups(out: Mapping[Any, dict[int, dict[str, float]]], base: dict[int, dict[str, float]], key: str) -> None:
+    for per_bs in out.values():
+        for b, stats in per_bs.items():
+            med = stats["median_ms"]
+            stats[key] = base[b]["median_ms"] / med if med > 0 else float("inf")
+
+
 def compare_latency(
     models: Mapping[str, nn.Module],
     input_size: Sequence[int],
@@ -114,24 +150,45 @@ def compare_latency(
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     dev = torch.device(device)
-    names = list(models)
-    times: dict[str, dict[int, list[float]]] = {n: {int(b): [] for b in batch_sizes} for n in names}
+    binders = {n: (lambda m: lambda x: (lambda: m(x)))(m) for n, m in models.items()}
     with _threads(threads), _prepared(list(models.values()), dev), torch.inference_mode():
-        for bs in batch_sizes:
-            x = torch.randn(bs, *input_size, device=dev)
-            for name in names:
-                for _ in range(warmup):
-                    models[name](x)
-            for r in range(rounds):
-                # Interleave so a noisy burst hits every model alike, and rotate the
-                # starting model so none is always timed right after the same neighbour.
-                for i in range(len(names)):
-                    name = names[(r + i) % len(names)]
-                    times[name][int(bs)].append(_time_once(models[name], x, dev))
+        times = _interleave(binders, input_size, batch_sizes, warmup, rounds, dev)
     out = {n: {b: _summarise(ts, b) for b, ts in per_bs.items()} for n, per_bs in times.items()}
-    base = out[names[0]]
-    for per_bs in out.values():
-        for b, stats in per_bs.items():
-            med = stats["median_ms"]
-            stats["speedup"] = base[b]["median_ms"] / med if med > 0 else float("inf")
+    _speedups(out, out[next(iter(models))], "speedup")
+    return out
+
+
+def compare_backends(
+    models: Mapping[str, nn.Module],
+    input_size: Sequence[int],
+    backends: Sequence[Backend] = (Backend.EAGER,),
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: int | None = None,
+    warmup: int = 5,
+    rounds: int = 20,
+) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """Interleaved CPU timing of every (model, backend): model -> backend value -> batch -> stats.
+
+    Stats add "speedup" (the first model on the same backend / this), "vs_first_backend" (this
+    model on the first backend / this) and "threads" (torch's and ONNX Runtime's intra-op threads)."""
+    if not models or not backends:
+        return {}
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    cpu = torch.device("cpu")
+    with _threads(threads), _prepared(list(models.values()), cpu):
+        n_threads = torch.get_num_threads()
+        # bound before timing and outside inference mode, which tracing and the ONNX export cannot run under
+        binders = {(n, b): bind_backend(m, b, tuple(input_size), n_threads)
+                   for n, m in models.items() for b in backends}
+        with torch.inference_mode():
+            times = _interleave(binders, input_size, batch_sizes, warmup, rounds, cpu)
+    out: dict[str, dict[str, dict[int, dict[str, float]]]] = {n: {} for n in models}
+    for (n, b), per_bs in times.items():
+        out[n][b.value] = {bs: {**_summarise(ts, bs), "threads": n_threads} for bs, ts in per_bs.items()}
+    first_model, first_backend = next(iter(models)), backends[0].value
+    for b in backends:
+        _speedups({n: out[n][b.value] for n in models}, out[first_model][b.value], "speedup")
+    for n in models:
+        _speedups(out[n], out[n][first_backend], "vs_first_backend")
     return out

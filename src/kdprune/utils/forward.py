@@ -22,3 +22,11 @@ def probe_forward(model: nn.Module, x: torch.Tensor, hooks: Mapping[str, Hook]) 
         model.train(was_training)
         for h in handles:
             h.remove()
+
+
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for o in items for t in flat_tensors(o)]
