@@ -6,6 +6,7 @@ from kdprune.methods.kesi import KESI, KESIPFEC
 from kdprune.methods.oed import OED
 from kdprune.methods.cascade import Cascade
 from kdprune.methods.edp import EDP
+from kdprune.methods.peers import TPGroupNorm, TPMagnitude
 
 __all__ = ["GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe"]
 __all__ += ["KESI", "KESIPFEC"]
@@ -13,3 +14,4 @@ __all__ += ["SDAP"]
 __all__ += ["OED"]
 __all__ += ["Cascade"]
 __all__ += ["EDP"]
+__all__ += ["TPGroupNorm", "TPMagnitude"]

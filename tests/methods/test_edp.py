@@ -116,10 +116,10 @@ def test_result_replays_bit_exactly_in_a_fresh_process(toy_data, tmp_path):
     recipe = EDP(target_flops=0.9, sparse=CFG, finetune=CFG, lam_col=2.0, lam_row=2.0,
                  layers=Named(("layer2.0.conv1", "layer3.1.conv2")))
     res = kp.compress(_resnet(), recipe, train, val, out_dir=tmp_path / "run", latency=False)
-    x = torch.randn(2, 1, 8, 8)
+    x = torch.randn(2, 1, 8, 8)  # one thread on both sides: the conv kernels' summation order depends on it
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch, kdprune as kp; from safetensors.torch import save_file; d = sys.argv[1]; "
-            "m = kp.load_pruned(d + '/run/model').eval(); x = torch.load(d + '/x.pt');"
+            "torch.set_num_threads(1); m = kp.load_pruned(d + '/run/model').eval(); x = torch.load(d + '/x.pt');"
             "save_file({'y': m(x).detach()}, d + '/y.safetensors')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=120)
     assert torch.equal(load_file(tmp_path / "y.safetensors")["y"], res.model.eval()(x).detach())
@@ -143,3 +143,19 @@ def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
         return kp.compress(_resnet(), recipe, train, val, out_dir=out, resume=resume, latency=False).model
 
     assert_resume_is_bit_exact(run, tmp_path, monkeypatch)
+
+
+def test_contribution_scores_are_filter_norms_at_init_and_follow_the_coefficients():
+    from kdprune.methods.edp import contribution
+    m = _resnet()
+    w = m.get_submodule("layer1.0.conv1").weight.detach().flatten(1).norm(dim=1)
+    _decomposed(m, Conv3x3().select(m))
+    groups = {g.root: g for g in channel_groups(m, X)}
+    col = contribution(m, groups["layer1.0.conv1.basis"])
+    row_root = next(r for r, g in groups.items() if any(p.name == "layer1.0.conv1.coeff" for p in g.producers))
+    torch.testing.assert_close(col, w)  # A = I: ||A[:, j]|| ||B_j|| = ||W_j||
+    torch.testing.assert_close(contribution(m, groups[row_root]).float(), w)  # (A B)_i = W_i
+    with torch.no_grad():
+        m.get_submodule("layer1.0.conv1.coeff").weight[:, 3] = 0.0  # basis filter 3 unused
+    assert contribution(m, groups["layer1.0.conv1.basis"])[3] == 0
+    assert contribution(m, groups[row_root])[3] == 0  # and output row 3 is empty too

@@ -14,7 +14,7 @@ __all__ = ["add_parser", "build_recipe", "methods", "run"]
 
 def add_parser(sub) -> None:
     """Register the `compress` sub-command."""
-    p = sub.add_parser("compress", help="prune + distil a trained model to a FLOPs/params target",
+    p = sub.add_parser("compress", help="prune + distil a trained model to a FLOPs/params/latency target",
                        description="Compress a model from `kdprune train` (or a saved model folder). The "
                                    "training flags set the fine-tuning stage. Writes report.json/.md, the "
                                    "pruned model and one folder per training stage (config.json, "

@@ -5,9 +5,9 @@ import argparse
 import sys
 
 # Importing kdprune (the package, first) sets OMP_WAIT_POLICY=PASSIVE unless the user set it.
-from kdprune.cli import compress_cmd, eval_cmd, export_cmd, info_cmd, train_cmd
+from kdprune.cli import bench_cmd, compress_cmd, eval_cmd, export_cmd, info_cmd, train_cmd
 
-COMMANDS = (train_cmd, compress_cmd, eval_cmd, export_cmd, info_cmd)
+COMMANDS = (train_cmd, compress_cmd, eval_cmd, export_cmd, info_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""Pruning engine: DepGraph channel groups, importance, allocation, the budget service (FLOPs/params
-targets over any family of edits), physical removal, soft masks and the structure log. Never
+"""Pruning engine: DepGraph channel groups, importance, allocation, width policies, the budget service
+(FLOPs/params/latency targets over any family of edits), physical removal, soft masks and the structure log. Never
 imports kdprune.distill/methods."""
 from kdprune.engine.allocate import MODES, Allocation, Global, PruningPlan, Uniform, plan_pruning, round_width
 from kdprune.engine.graph import (
@@ -35,11 +35,15 @@ from kdprune.engine.structure import (
     replay,
 )
 from kdprune.engine.budget import (
+    LATENCY_REFITS,
+    LATENCY_TOLERANCE,
     TOLERANCE,
     Bisection,
     BudgetError,
     BudgetFit,
     BudgetMeter,
+    LatencyCheck,
+    LatencyError,
     Measured,
     Refine,
     bisect_budget,
@@ -47,7 +51,10 @@ from kdprune.engine.budget import (
     plan_key,
     refine_budget,
     search_budget,
+    verify_latency,
 )
+from kdprune.engine.widths import (WIDTH_POLICIES, FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy,
+                                   fast_widths, measured_widths, snap_plan)
 from kdprune.engine.target import PruneReport, Target, prune_to_target
 
 __all__ = [
@@ -67,4 +74,7 @@ __all__ = [
     "PruneReport", "Target", "prune_to_target",
     "TOLERANCE", "Bisection", "BudgetError", "BudgetFit", "BudgetMeter", "Measured", "Refine",
     "bisect_budget", "fit_budget", "plan_key", "refine_budget", "search_budget",
+    "LATENCY_REFITS", "LATENCY_TOLERANCE", "LatencyCheck", "LatencyError", "verify_latency",
+    "WIDTH_POLICIES", "FreeWidths", "LegalSteps", "MeasuredWidths", "RoundTo", "WidthPolicy", "fast_widths",
+    "measured_widths", "snap_plan",
 ]

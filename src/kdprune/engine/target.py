@@ -1,5 +1,6 @@
-"""Prune to a FLOPs or parameter budget: the budget service bisects the pruning ratio (each
-candidate measured on a physically pruned deep copy), with round_to a mixed-rounding refinement,
+"""Prune to a FLOPs, parameter or latency budget: the budget service bisects the pruning ratio
+(each candidate measured on a physically pruned deep copy; latency predicted from the per-layer
+table, then measured end to end), with round_to or a width policy a mixed-rounding refinement,
 then the chosen plan is applied in place."""
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import torch
 from torch import nn
 
 from kdprune.engine.allocate import Allocation, PruningPlan, Uniform, plan_pruning
-from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, Refine, Target,
-                                   fit_budget)
+from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, LatencyCheck,
+                                   LatencyError, Refine, Target, fit_budget)
 from kdprune.engine.describe import coverage_summary, describe
 from kdprune.engine.graph import ChannelGroup, channel_groups
 from kdprune.engine.importance import L1, Criterion, importance_scores
 from kdprune.engine.prune import apply_plan
+from kdprune.engine.widths import (FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy, measured_widths,
+                                   snap_plan, width_table)
 from kdprune.metrics import Complexity
+from kdprune.registry import check_choice
 
 __all__ = ["Target", "PruneReport", "prune_to_target", "TOLERANCE"]
 
@@ -34,6 +38,9 @@ class PruneReport:
     mode: Allocation
     importance: Criterion
     evaluations: int
+    widths: WidthPolicy = FreeWidths()
+    latency: LatencyCheck | None = None  # a latency target's end-to-end check
+    fast_widths: Mapping[str, tuple[int, ...]] | None = None  # MeasuredWidths: each group's legal widths
 
     @property
     def flops_kept(self) -> float:
@@ -89,39 +96,67 @@ def prune_to_target(
     scores: Mapping[str, torch.Tensor] | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
     seed: int = 0,
+    widths: WidthPolicy = FreeWidths(),
+    reference: nn.Module | None = None,
 ) -> PruneReport:
-    """Prune ``model`` in place to keep ``target`` of its FLOPs/params (within 1%), ranking
-    channels by ``importance`` (PFEC L1 of Li et al. 2017 by default) on DepGraph groups."""
+    """Prune ``model`` in place to keep ``target`` of its FLOPs/params (within 1%) or measured
+    latency (within 5%; of ``reference``'s when given), ranking channels by ``importance`` (PFEC L1
+    of Li et al. 2017 by default) on DepGraph groups, widths as ``widths`` (or ``round_to``) allow."""
     if not isinstance(target, Target):
         raise TypeError(f"target must be a Target, got {type(target).__name__}")
+    widths = _policy(widths, round_to)
     groups: list[ChannelGroup] = channel_groups(model, example_input, ignored_layers)
     if not groups:  # name the real cause, not min_width
         rows = describe(model, example_input, ignored_layers)
         raise ValueError(f"{target.metric} target {target.value} is unreachable in {type(model).__name__}: "
                          f"{coverage_summary(rows)}")
     all_scores = importance_scores(model, groups, importance, scores, seed)
-    meter = BudgetMeter(model, example_input, target)
+    meter = BudgetMeter(model, example_input, target, reference=reference)
+    legal = None
+    if isinstance(widths, MeasuredWidths):
+        table = width_table(widths, target.latency_backend, target.latency_batch) if target.latency is not None \
+            else width_table(widths)
+        legal = measured_widths(model, example_input, groups, all_scores, widths, table, min_width)
     try:
-        fit = _fit(model, example_input, target, groups, all_scores, mode, min_width, round_to, meter)
+        fit = _fit(model, example_input, target, groups, all_scores, mode, min_width, widths, legal, meter)
     except BudgetError as e:
-        if e.fit.floor.kept <= target.value + TOLERANCE:
+        if e.fit is None or e.fit.floor.kept <= target.value + target.tolerance:
             raise
         rows = describe(model, example_input, ignored_layers)  # why the floor is that high
+        if isinstance(e, LatencyError):
+            raise LatencyError(f"{e}; {coverage_summary(rows)}", e.fit, e.check) from None
         raise BudgetError(f"{e}; {coverage_summary(rows)}", e.fit) from None
     apply_plan(model, example_input, fit.best.candidate)
-    return PruneReport(target, fit.best.kept, fit.t, meter.dense, fit.best.complexity, fit.best.candidate,
-                       mode, importance, meter.evaluations)
+    achieved = fit.latency.measured if fit.latency is not None else fit.best.kept
+    return PruneReport(target, achieved, fit.t, meter.dense, fit.best.complexity, fit.best.candidate,
+                       mode, importance, meter.evaluations, widths, fit.latency, legal)
+
+
+def _policy(widths: WidthPolicy, round_to: int | None) -> WidthPolicy:
+    """The width policy, ``round_to=n`` being ``RoundTo(n)``."""
+    check_choice(widths, WidthPolicy, "widths")
+    if round_to is not None and not isinstance(widths, FreeWidths):
+        raise ValueError(f"give round_to or widths={type(widths).__name__}(...), not both")
+    return RoundTo(round_to) if round_to is not None and round_to > 1 else widths
 
 
 def _fit(model: nn.Module, example_input: torch.Tensor, target: Target, groups: Sequence[ChannelGroup],
-         all_scores: Mapping[str, torch.Tensor], mode: Allocation, min_width: int, round_to: int | None,
-         meter: BudgetMeter) -> BudgetFit:
-    rounding = round_to is not None and round_to > 1
+         all_scores: Mapping[str, torch.Tensor], mode: Allocation, min_width: int, widths: WidthPolicy,
+         legal: Mapping[str, tuple[int, ...]] | None, meter: BudgetMeter) -> BudgetFit:
+    round_to = widths.n if isinstance(widths, RoundTo) else None
+    if legal is not None:
+        def propose(r: float) -> PruningPlan:
+            return snap_plan(groups, all_scores, plan_pruning(groups, all_scores, r, mode, min_width), legal)
+        neighbours = LegalSteps(groups, all_scores, legal)
+        rule = ", widths=MeasuredWidths"
+    else:
+        def propose(r: float) -> PruningPlan:
+            return plan_pruning(groups, all_scores, r, mode, min_width, round_to)
+        neighbours = _MixedRounding(groups, all_scores, min_width, round_to) if round_to else None
+        rule = f", round_to={round_to}" if round_to else ""
     return fit_budget(
-        model, example_input, target,
-        lambda r: plan_pruning(groups, all_scores, r, mode, min_width, round_to),
-        _MixedRounding(groups, all_scores, min_width, round_to) if rounding else None,
+        model, example_input, target, propose, neighbours,
         bisection=Bisection(first_within=True), refine=Refine(rounds=4 * len(groups), one_sided=True),
-        meter=meter, limits=f" under min_width={min_width}{f', round_to={round_to}' if round_to else ''}",
-        advice=" (width steps are too coarse, e.g. because of round_to or few channels); use a smaller "
-               "round_to, mode=Global(), or a different target")
+        meter=meter, limits=f" under min_width={min_width}{rule}",
+        advice=" (width steps are too coarse, e.g. because of round_to, measured widths or few channels); use a "
+               "smaller round_to, FreeWidths(), mode=Global(), or a different target")

@@ -8,6 +8,7 @@ from kdprune.methods.sdap import SDAP
 from kdprune.methods.oed import OED
 from kdprune.methods.cascade import Cascade
 from kdprune.methods.edp import EDP
+from kdprune.methods.peers import TPGroupNorm, TPMagnitude
 
 __all__ = ["CompressContext", "CompressResult", "GroupNorm", "KDFinetune", "L1Finetune", "PruneRecipe",
            "compress", "infer_example_input", "measure", "report_markdown", "run_recipe"]
@@ -16,3 +17,4 @@ __all__ += ["SDAP"]
 __all__ += ["OED"]
 __all__ += ["Cascade"]
 __all__ += ["EDP"]
+__all__ += ["TPGroupNorm", "TPMagnitude"]

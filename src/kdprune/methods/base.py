@@ -8,7 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.engine import Target
+from kdprune.engine import FreeWidths, LatencyCheck, Target, WidthPolicy
+from kdprune.metrics import Backend
 from kdprune.registry import check_choice_fields
 from kdprune.training import SGD, Cosine, TrainConfig
 
@@ -27,21 +28,51 @@ EXTRA_MODELS = "models"
 
 @dataclass(frozen=True)
 class PruneRecipe:
-    """Base of the channel-pruning recipes: a FLOPs or params fraction to keep, width rules."""
+    """Base of the channel-pruning recipes: a FLOPs, params or measured-latency fraction to keep
+    (latency at ``latency_batch`` on ``latency_backend``), width rules."""
 
     target_flops: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
+    latency_batch: int = 1
+    latency_backend: Backend = Backend.EAGER
     min_width: int = 1
     round_to: int | None = None
+    widths: WidthPolicy = FreeWidths()
     finetune: TrainConfig = field(default_factory=default_finetune)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         check_choice_fields(self)  # typed choices (mode=Global()...): a name string fails here
+        if self.has_target():
+            self.target_of()  # validates now: exactly one fraction in (0, 1)
+        if self.round_to is not None and not isinstance(self.widths, FreeWidths):
+            raise ValueError(f"{type(self).__name__}: give round_to or widths, not both")
+
+    def has_target(self) -> bool:
+        """Whether any of target_flops/target_params/target_latency is set."""
+        return any(v is not None for v in (self.target_flops, self.target_params, self.target_latency))
+
+    def target_of(self) -> Target:
+        """The engine Target these fields describe (validates: exactly one fraction in (0, 1))."""
+        return Target(flops=self.target_flops, params=self.target_params, latency=self.target_latency,
+                      latency_batch=self.latency_batch, latency_backend=self.latency_backend)
 
     def target(self) -> Target:
         """The engine Target (validates: exactly one fraction in (0, 1))."""
-        return Target(flops=self.target_flops, params=self.target_params)
+        return self.target_of()
+
+
+def latency_info(check: LatencyCheck | None) -> dict[str, Any]:
+    """``{"latency_target": ...}`` for a method's info when a latency target was checked, else {}."""
+    return {"latency_target": check.as_dict()} if check is not None else {}
+
+
+def require_free_widths(recipe: PruneRecipe, why: str) -> None:
+    """ValueError unless the recipe leaves widths free (methods whose masks are per channel)."""
+    if not isinstance(recipe.widths, FreeWidths):
+        raise ValueError(f"{type(recipe).__name__} does not support widths={type(recipe.widths).__name__}(...) "
+                         f"({why}); leave it FreeWidths()")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from kdprune.distill import KDTask
 from kdprune.engine import L1, L2, Allocation, Criterion, Global, Uniform, channel_groups, prune_to_target
 from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
-from kdprune.methods.base import CompressContext, PruneRecipe
+from kdprune.methods.base import CompressContext, PruneRecipe, latency_info
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice_name
 from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
@@ -50,11 +50,14 @@ class GroupNorm(PruneRecipe):
 
 
 def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: Criterion) -> dict:
+    """{"prune": what prune_to_target did} (and "latency_target": its end-to-end check)."""
     model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
-    rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance,
-                          mode=recipe.mode, min_width=recipe.min_width, round_to=recipe.round_to)
-    return {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
-            "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept, "channels_removed": rep.plan.num_removed}
+    rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance, mode=recipe.mode,
+                          min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths)
+    prune = {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
+             "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept,
+             "channels_removed": rep.plan.num_removed, "widths": choice_name(rep.widths)}
+    return {"prune": prune, **latency_info(rep.latency)}
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:
@@ -65,14 +68,14 @@ def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=
 
 @run_recipe.register
 def _(recipe: L1Finetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    info = {"prune": _prune(model, recipe, ctx, L1())}
+    info = _prune(model, recipe, ctx, L1())
     info["finetune"] = _finetune(model, recipe, ctx)
     return model, info
 
 
 @run_recipe.register
 def _(recipe: KDFinetune, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    info = {"prune": _prune(model, recipe, ctx, L1())}
+    info = _prune(model, recipe, ctx, L1())
     task = KDTask(ctx.dense, temperature=recipe.temperature, alpha=recipe.alpha,
                   label_smoothing=recipe.finetune.label_smoothing)
     info["finetune"] = _finetune(model, recipe, ctx, task)
@@ -95,7 +98,7 @@ def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Mod
     sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse, "sparse"),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
                    callbacks=[GroupLasso(groups, recipe.reg)], save_model=False)
-    info = {"sparse": sparse.history, "prune": _prune(model, recipe, ctx, L2())}
+    info = {"sparse": sparse.history, **_prune(model, recipe, ctx, L2())}
     info["finetune"] = _finetune(model, recipe, ctx)
     return model, info
 

@@ -13,7 +13,7 @@ This module is where the engine (groups, slotted masks, plans, budget) and disti
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -35,9 +35,9 @@ from kdprune.engine import (
     fit_budget,
     plan_pruning,
 )
-from kdprune.methods.base import EXTRA_MODELS, CompressContext, PruneRecipe
+from kdprune.methods.base import EXTRA_MODELS, CompressContext, PruneRecipe, require_free_widths
 from kdprune.methods.registry import register_recipe, run_recipe
-from kdprune.metrics import complexity
+from kdprune.metrics import LatencyModel, complexity, shared_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, recalibrate_bn, train
 
 __all__ = ["Cascade", "levels", "CascadeTask", "CascadePruner", "taylor_scores", "extract"]
@@ -78,7 +78,8 @@ class Cascade(PruneRecipe):
             raise ValueError("Cascade needs temperature > 0 and alpha >= 0")
         if self.round_to is not None:
             raise ValueError("Cascade does not support round_to; leave it None")
-        if self.levels is not None and (self.target_flops is not None or self.target_params is not None):
+        require_free_widths(self, "its masks are nested per channel")
+        if self.levels is not None and self.has_target():
             goal = self.target().value
             if len(self.levels) != self.assistants or any(not goal < v < 1 for v in self.levels) \
                     or list(self.levels) != sorted(self.levels, reverse=True):
@@ -153,6 +154,8 @@ class CascadePruner(Callback):
         self.saliency = [{g.root: torch.zeros(g.channels, dtype=torch.float64) for g in groups} for _ in range(k)]
         self.removed: list[dict[str, set[int]]] = [{g.root: set() for g in groups} for _ in range(k)]
         self.history: list[dict[str, Any]] = []
+        self.latency: LatencyModel | None = None  # one dense latency fit for every event's meter
+        self.latency_check: dict[str, Any] | None = None  # the student's end-to-end check, at the last event
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The slotted masks: set by pruning, never by the optimiser."""
@@ -181,24 +184,34 @@ class CascadePruner(Callback):
             forced = {r: set(v) | (self.removed[k - 1][r] if k else set()) for r, v in self.removed[k].items()}
             scores = taylor_scores(self.saliency[k], forced)
             goal = 1 - (1 - level) * frac
-            self.removed[k], got = self._fit(scores, forced, goal, final=self.done == self.events)
+            self.removed[k], got = self._fit(scores, forced, goal, final=self.done == self.events,
+                                             student=k == len(self.levels) - 1)
             kept.append(got)
             self.saliency[k] = {r: torch.zeros_like(s) for r, s in self.saliency[k].items()}
         self._write_masks()
         self.history.append({"step": step, "kept": kept})
 
-    def _fit(self, scores: dict[str, Tensor], forced: dict[str, set[int]], goal: float, final: bool
-             ) -> tuple[dict[str, set[int]], float]:
-        target = Target(**{self.recipe.target().metric: min(goal, 1 - 1e-9)})
+    def _meter(self, target: Target) -> BudgetMeter[PruningPlan]:
+        if target.latency is not None and self.latency is None:
+            table = shared_table(target.latency_backend, target.latency_batch)
+            self.latency = LatencyModel(self.skeleton, self.x, table)
+        return BudgetMeter(self.skeleton, self.x, target, latency=self.latency)
+
+    def _fit(self, scores: dict[str, Tensor], forced: dict[str, set[int]], goal: float, final: bool,
+             student: bool = False) -> tuple[dict[str, set[int]], float]:
+        target = replace(self.recipe.target(), **{self.recipe.target().metric: min(goal, 1 - 1e-9)})
 
         def propose(t: float) -> PruningPlan:
             plan = plan_pruning(self.groups, scores, t, self.recipe.mode, self.recipe.min_width)
             return PruningPlan({r: sorted(set(plan.removals.get(r, ())) | forced[r]) for r in forced
                                 if forced[r] or r in plan.removals})
 
-        try:
-            fit = fit_budget(self.skeleton, self.x, target, propose, meter=BudgetMeter(self.skeleton, self.x, target))
+        try:  # latency: only the student's final size is measured end to end, the rest is predicted
+            fit = fit_budget(self.skeleton, self.x, target, propose, meter=self._meter(target),
+                             verify=final and student)
             best = fit.best
+            if fit.latency is not None:
+                self.latency_check = fit.latency.as_dict()
         except BudgetError as e:
             if final:
                 raise ValueError(f"Cascade: {e}") from None
@@ -216,12 +229,14 @@ class CascadePruner(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "saliency": [{r: s.clone() for r, s in d.items()} for d in self.saliency],
-                "removed": [{r: sorted(v) for r, v in d.items()} for d in self.removed], "history": self.history}
+                "removed": [{r: sorted(v) for r, v in d.items()} for d in self.removed], "history": self.history,
+                "latency_check": self.latency_check}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done, self.history = int(state["done"]), list(state["history"])
         self.saliency = [{r: s.clone() for r, s in d.items()} for d in state["saliency"]]
         self.removed = [{r: set(v) for r, v in d.items()} for d in state["removed"]]
+        self.latency_check = state.get("latency_check")
 
 
 def extract(model: nn.Module, removed: Mapping[str, set[int]], x: Tensor) -> nn.Module:
@@ -273,5 +288,7 @@ def _(recipe: Cascade, model: nn.Module, ctx: CompressContext) -> tuple[nn.Modul
                out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"), save_model=False)
     sizes = [complexity(m, example_input=x) for m in chain]
     info = {"levels": levels(recipe), "events": pruner.history[-1:], "cascade": history, "finetune": ft.history,
-            "flops_kept": [s.flops / dense.flops for s in sizes], "params_kept": [s.params / dense.params for s in sizes]}
+            "flops_kept": [s.flops / dense.flops for s in sizes],
+            "params_kept": [s.params / dense.params for s in sizes],
+            **({"latency_target": pruner.latency_check} if pruner.latency_check else {})}
     return student, {**info, EXTRA_MODELS: {f"assistants/ta{i + 1}": m.eval() for i, m in enumerate(chain[:-1])}}

@@ -13,7 +13,7 @@ from torch import nn
 from kdprune.io import save_pruned
 from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
-from kdprune.metrics import compare_latency, complexity, format_markdown, layer_widths
+from kdprune.metrics import Backend, available_backends, compare_backends, complexity, format_markdown, layer_widths
 from kdprune.training import evaluate
 from kdprune.training.config_io import to_tagged_dict
 from kdprune.utils.dist import is_main_process
@@ -52,9 +52,23 @@ def measure(model: nn.Module, val: Any, example_input: torch.Tensor) -> dict[str
 
 
 def _latency(dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
-    res = compare_latency({"before": dense, "after": pruned}, tuple(example_input.shape[1:]),
-                          batch_sizes=(1, 64), rounds=15)
-    return {name: {str(bs): r for bs, r in per.items()} for name, per in res.items()}
+    """Interleaved medians before/after at batch 1 and 64: eager in ``latency_ms``, onnxruntime (when
+    installed) in ``latency_onnxruntime_ms``; an export the runtime cannot run is a note, not an error."""
+    size, models = tuple(example_input.shape[1:]), {"before": dense, "after": pruned}
+    backends = [Backend.EAGER] + ([Backend.ONNXRUNTIME] if Backend.ONNXRUNTIME in available_backends() else [])
+    out: dict[str, Any] = {}
+    try:
+        res = compare_backends(models, size, backends, batch_sizes=(1, 64), rounds=15)
+    except Exception as e:  # noqa: BLE001 - the ONNX export of some models fails; eager still counts
+        if len(backends) == 1:
+            raise
+        out["latency_onnxruntime_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        backends = [Backend.EAGER]
+        res = compare_backends(models, size, backends, batch_sizes=(1, 64), rounds=15)
+    for b in backends:
+        key = "latency_ms" if b is Backend.EAGER else f"latency_{b.value}_ms"
+        out[key] = {name: {str(bs): r for bs, r in per[b.value].items()} for name, per in res.items()}
+    return out
 
 
 def compress(
@@ -83,7 +97,7 @@ def compress(
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
               "method": info, "wall_time_s": time.perf_counter() - start}
     if latency:
-        report["latency_ms"] = _latency(dense, pruned, x)
+        report.update(_latency(dense, pruned, x))
     report["meta"] = run_metadata()
     if out is not None and is_main_process():
         _save(out, pruned, report, factory)
@@ -104,21 +118,47 @@ def _save(out: Path, model: nn.Module, report: dict, factory) -> None:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """Before/after table: accuracy, params, FLOPs, latency; then per-layer widths that changed."""
+    """Before/after table: accuracy, params, FLOPs, latency (eager, onnxruntime when measured); the
+    speed-ups, a latency target's check; then per-layer widths that changed."""
     rows = []
     for stage in ("before", "after"):
         r = dict(report[stage], stage=stage)
-        lat = report.get("latency_ms", {}).get(stage, {})
-        r.update({f"lat_bs{bs}_ms": v["median_ms"] for bs, v in lat.items()})
+        for key, tag in (("latency_ms", "lat"), ("latency_onnxruntime_ms", "ort")):
+            lat = report.get(key, {}).get(stage, {})
+            r.update({f"{tag}_bs{bs}_ms": v["median_ms"] for bs, v in lat.items()})
         rows.append(r)
     cols = {"stage": "", "top1": "top-1 %", "params": "params", "macs": "MACs",
             "lat_bs1_ms": "CPU ms bs1", "lat_bs64_ms": "CPU ms bs64"}
+    if "latency_onnxruntime_ms" in report:
+        cols.update({"ort_bs1_ms": "ORT ms bs1", "ort_bs64_ms": "ORT ms bs64"})
     b, a = report["before"], report["after"]
     lines = [f"## {report['recipe']['type']}", "", format_markdown(rows, cols), "",
              f"kept: params {a['params'] / b['params']:.3f}, FLOPs {a['flops'] / b['flops']:.3f}; "
              f"wall time {report['wall_time_s']:.0f} s"]
+    lines += _speedup_lines(report)
     changed = [{"layer": k, "before": v, "after": report["widths"]["after"].get(k, 0)}
                for k, v in report["widths"]["before"].items() if report["widths"]["after"].get(k) != v]
     if changed:
         lines += ["", format_markdown(changed, ["layer", "before", "after"])]
     return "\n".join(lines)
+
+
+def _speedup_lines(report: dict[str, Any]) -> list[str]:
+    """"speed-up (before / after median): eager ...; onnxruntime ..." and the latency target's check."""
+    parts = []
+    for key, name in (("latency_ms", "eager"), ("latency_onnxruntime_ms", "onnxruntime")):
+        lat = report.get(key)
+        if lat:
+            ups = [f"bs{bs} {lat['before'][bs]['median_ms'] / lat['after'][bs]['median_ms']:.2f}x"
+                   for bs in lat["after"] if lat["after"][bs]["median_ms"] > 0]
+            parts.append(f"{name} {', '.join(ups)}")
+    lines = [f"speed-up (before / after median): {'; '.join(parts)}"] if parts else []
+    if "latency_onnxruntime_error" in report:
+        lines.append(f"onnxruntime not measured: {report['latency_onnxruntime_error']}")
+    check = report.get("method", {}).get("latency_target") if isinstance(report.get("method"), dict) else None
+    if check:
+        lines.append(f"latency target {check['target']:g} (batch {check['batch']}, {check['backend']}, "
+                     f"{check['threads']} thread(s)): kept {check['measured']:.3f} measured, {check['predicted']:.3f} "
+                     f"predicted, {check['refits']} refit(s), {check['entries_measured']} of {check['entries']} "
+                     f"table entries timed")
+    return lines

@@ -27,7 +27,9 @@ from kdprune.engine import (
     ChannelGroup,
     DecomposedConv,
     Global,
+    MeasuredWidths,
     PruningPlan,
+    RoundTo,
     apply_edit,
     apply_plan,
     channel_groups,
@@ -37,7 +39,7 @@ from kdprune.engine import (
     plan_pruning,
 )
 from kdprune.engine.budget import Bisection
-from kdprune.methods.base import CompressContext, PruneRecipe
+from kdprune.methods.base import CompressContext, PruneRecipe, latency_info
 from kdprune.metrics import Complexity, complexity
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice
@@ -162,8 +164,9 @@ class EDP(PruneRecipe):
             raise ValueError(f"EDP needs lam_col, lam_row >= 0, got {self.lam_col}, {self.lam_row}")
         if not 0.0 <= self.kd_alpha <= 1.0 or self.temperature <= 0:
             raise ValueError("EDP needs 0 <= kd_alpha <= 1 and temperature > 0")
-        if self.target_flops is not None or self.target_params is not None:
-            self.target()  # validates now; with neither set, compress fails when it asks for the target
+        if isinstance(self.widths, MeasuredWidths):
+            raise ValueError("EDP does not support widths=MeasuredWidths(...) (it prunes rank and rows of "
+                             "decomposed layers); use round_to or FreeWidths()")
 
 
 def _aligned(group: ChannelGroup, member_name: str, role: str) -> torch.Tensor:
@@ -223,27 +226,52 @@ def _merge(model: nn.Module, x: torch.Tensor, rule: MergeRule) -> dict[str, bool
     return decided
 
 
+def contribution(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Ranking score of each channel of an EDP group (ours): the norm of what it adds to its
+    layers' outputs, not of A's slice alone. Column j of a block: ||A[:, j]|| * ||B_j||; a row
+    group: the joint norm of the merged filters (A B)_i over its coefficient convs. With A near
+    the identity (a short sparse stage) A's slices all have norm ~1, and ranking by them alone
+    removes basis filters and output rows independently, at random; here column j and row j of
+    the same filter score alike, and the rows rank as L1-style filter norms of W' = A B."""
+    if group.root.endswith(".basis"):
+        block = model.get_submodule(group.root[: -len(".basis")])
+        a, b = block.coeff.weight.detach().flatten(1), block.basis.weight.detach().flatten(1)
+        cols = a.norm(dim=0)[_aligned(group, f"{group.root[: -len('.basis')]}.coeff", "in")]
+        return cols * b.norm(dim=1)  # the basis is the root: its local index is the root index
+    sq = torch.zeros(group.channels, dtype=torch.float64)
+    for m in (m for m in group.producers if m.kind != "bn"):
+        block = model.get_submodule(m.name[: -len(".coeff")])
+        merged = block.coeff.weight.detach().flatten(1) @ block.basis.weight.detach().flatten(1)
+        sq += merged.pow(2).sum(1).double()[_aligned(group, m.name, "out")]
+    return sq.sqrt()
+
+
 def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: list[ChannelGroup],
-                     fams: dict[str, GroupSlices], dense: Complexity) -> dict[str, Any]:
+                     fams: dict[str, GroupSlices], dense: Complexity, original: nn.Module | None = None
+                     ) -> dict[str, Any]:
     """The smallest groups out until the model *after merging* keeps the target of the original
-    model's (``dense``) FLOPs/params (budget service)."""
+    model's (``dense``, ``original``) FLOPs/params/measured latency (budget service)."""
     edp_groups = [g for g in groups if g.root in fams]
-    scores = {g.root: fams[g.root].norms() for g in edp_groups}
+    scores = {g.root: contribution(model, g) for g in edp_groups}
 
     def prune_and_merge(m: nn.Module, xx: torch.Tensor, plan: PruningPlan) -> None:
         apply_plan(m, xx, plan)
         _merge(m, xx, recipe.merge)
 
-    meter: BudgetMeter[PruningPlan] = BudgetMeter(model, x, recipe.target(), apply=prune_and_merge, dense=dense)
+    round_to = recipe.widths.n if isinstance(recipe.widths, RoundTo) else recipe.round_to
+    meter: BudgetMeter[PruningPlan] = BudgetMeter(model, x, recipe.target(), apply=prune_and_merge, dense=dense,
+                                                  reference=original)
     fit = fit_budget(model, x, recipe.target(),
-                     lambda r: plan_pruning(edp_groups, scores, r, recipe.mode, recipe.min_width, recipe.round_to),
+                     lambda r: plan_pruning(edp_groups, scores, r, recipe.mode, recipe.min_width, round_to),
                      meter=meter, bisection=Bisection(first_within=True),
                      limits=f" with the groups of {len(fams)} coefficient families",
                      advice=" (EDP prunes only the decomposed layers' groups: select more layers)")
     apply_plan(model, x, fit.best.candidate)
     zero = {r: int((scores[r] == 0).sum()) for r in scores}
-    return {"achieved": fit.best.kept, "channels_removed": fit.best.candidate.num_removed,
-            "zero_groups": sum(zero.values()), "groups": sum(g.channels for g in edp_groups)}
+    achieved = fit.latency.measured if fit.latency is not None else fit.best.kept
+    return {"achieved": achieved, "channels_removed": fit.best.candidate.num_removed,
+            "zero_groups": sum(zero.values()), "groups": sum(g.channels for g in edp_groups),
+            **latency_info(fit.latency)}
 
 
 def _stage(model: nn.Module, cfg: TrainConfig, name: str, ctx: CompressContext, task, callbacks=()) -> list:
@@ -280,7 +308,9 @@ def _(recipe: EDP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     info: dict[str, Any] = {"sparse": _stage(model, recipe.sparse, "sparse", ctx, task,
                                              [GroupLassoProx(list(fams.values()))])}
     model.cpu()  # prune where the example input lives
-    info["prune"] = _prune_to_target(model, recipe, x, groups, fams, dense)
+    info["prune"] = _prune_to_target(model, recipe, x, groups, fams, dense, ctx.dense)
+    if "latency_target" in info["prune"]:
+        info["latency_target"] = info["prune"].pop("latency_target")
     info["finetune"] = _stage(model, recipe.finetune, "finetune", ctx, task)
     model.cpu()
     merged = _merge(model, x, recipe.merge)

@@ -33,7 +33,7 @@ from kdprune.engine import (
     prune_to_target,
 )
 from kdprune.io import load_pruned, save_pruned
-from kdprune.methods.base import CompressContext, PruneRecipe
+from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, require_free_widths
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Complexity, complexity
 from kdprune.training import SGD, Adam, Constant, OneCycle, TrainConfig, evaluate, resolve_device, train
@@ -117,8 +117,8 @@ class KESI(PruneRecipe):
         """The final Target, or None when the plan is ``stage_ratios`` (validates the choice)."""
         if self.stage_ratios is None:
             return super().target()
-        if self.target_flops is not None or self.target_params is not None:
-            raise ValueError("KESI: give either stage_ratios or target_flops/target_params, not both")
+        if self.has_target():
+            raise ValueError("KESI: give either stage_ratios or target_flops/target_params/target_latency, not both")
         return None
 
     def retrain_config(self) -> TrainConfig:
@@ -140,6 +140,8 @@ class KESI(PruneRecipe):
             raise ValueError(f"KESI.stage_ratios must be fractions in [0, 1), got {self.stage_ratios}")
         if self.stage_ratios is not None and len(self.stage_ratios) == 0:
             raise ValueError("KESI.stage_ratios must not be empty")
+        if self.stage_ratios is not None:
+            require_free_widths(self, "stage_ratios fix each stage's widths; use round_to")
         if self.distill_epochs is not None and self.distill_epochs < 0:
             raise ValueError(f"KESI.distill_epochs must be >= 0, got {self.distill_epochs}")
         if self.distill_config() is not None and not self.include_base and not self.include_last \
@@ -202,11 +204,12 @@ def _metric(c: Complexity, recipe: KESI) -> int:
 
 
 def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | None,
-                dense: Complexity) -> dict[str, Any]:
-    """One round of L1 filter pruning in place (Li et al. 2017, as in Le et al. 2020)."""
+                dense: Complexity, reference: nn.Module | None = None) -> dict[str, Any]:
+    """One round of L1 filter pruning in place (Li et al. 2017, as in Le et al. 2020); a latency
+    goal is a fraction of ``reference``'s (the input model's) measured latency."""
     groups = channel_groups(model, x)
     skip = set(residual_roots(groups)) if recipe.keep_residual else set()
-    removed = 0
+    removed, check = 0, None
     if recipe.stage_ratios is not None:
         plan = stage_plan(model, x, [g for g in groups if g.root not in skip], recipe.stage_ratios,
                           recipe.min_width, recipe.round_to)
@@ -214,17 +217,22 @@ def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | N
         removed = plan.num_removed
     else:
         if goal is None:
-            raise ValueError("a target_flops/target_params plan needs this round's goal")
-        rel = goal * _metric(dense, recipe) / _metric(complexity(model, example_input=x), recipe)
-        if rel < 1.0:
-            key = "flops" if recipe.target_flops is not None else "params"
-            rep = prune_to_target(model, x, Target(**{key: rel}), importance=L1(), mode=recipe.mode,
-                                  min_width=recipe.min_width, round_to=recipe.round_to,
-                                  ignored_layers=sorted(skip))
-            removed = rep.plan.num_removed
+            raise ValueError("a target_flops/target_params/target_latency plan needs this round's goal")
+        final = recipe.target()
+        if final.latency is not None:  # relative to the input model, so rounds do not compound errors
+            target, rel = replace(final, latency=goal), goal
+        else:
+            rel = goal * _metric(dense, recipe) / _metric(complexity(model, example_input=x), recipe)
+            target = Target(**{final.metric: rel}) if rel < 1.0 else None
+        if target is not None and rel < 1.0:
+            rep = prune_to_target(model, x, target, importance=L1(), mode=recipe.mode, min_width=recipe.min_width,
+                                  round_to=recipe.round_to, widths=recipe.widths, ignored_layers=sorted(skip),
+                                  reference=reference if final.latency is not None else None)
+            removed, check = rep.plan.num_removed, rep.latency
     after = complexity(model, example_input=x)
     return {"goal": goal, "channels_removed": removed, "flops_kept": after.flops / dense.flops,
-            "params_kept": after.params / dense.params, "params": after.params, "flops": after.flops}
+            "params_kept": after.params / dense.params, "params": after.params, "flops": after.flops,
+            **latency_info(check)}
 
 
 class _DenseCopy:
@@ -274,7 +282,8 @@ def _round(recipe: KESI, model: nn.Module, ctx: CompressContext, r: int, goal: f
         return done
     model.to("cpu")  # trace and measure on the example input's device
     try:
-        info: dict[str, Any] = {"round": r, "prune": prune_round(recipe, model, ctx.example_input, goal, dense)}
+        info: dict[str, Any] = {"round": r, "prune": prune_round(recipe, model, ctx.example_input, goal, dense,
+                                                                 ctx.dense)}
     except ValueError as e:
         raise ValueError(f"KESI round {r}: {e}") from None
     res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.retrain_config(), f"round {r}/{recipe.rounds}"),
@@ -354,6 +363,8 @@ def _(recipe: KESI, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, 
     members = ensemble_members(recipe, snapshots, ctx.dense)
     info: dict[str, Any] = {"rule": "stage_ratios" if recipe.stage_ratios is not None else "target",
                             "rounds": rounds, "ensemble": {"members": [n for n, _ in members]}}
+    if "latency_target" in rounds[-1]["prune"]:  # the last round's check is the final model's
+        info["latency_target"] = rounds[-1]["prune"]["latency_target"]
     distill_cfg = recipe.distill_config()
     task = ensemble_task(recipe, [m for _, m in members],
                          distill_cfg.label_smoothing if distill_cfg is not None else 0.0) if members else None

@@ -7,7 +7,8 @@ penultimate features, with its own classifier; all trained together in one cycle
 best accuracy on a split held out from the training set is kept, its surviving masks folded into
 the branch ends and its zero-mask blocks removed physically (``remove_block``, in the structure
 log). A target is met by also removing the blocks of least total mask whose costs (measured by
-the budget service's meter) sum to it.
+the budget service's meter: FLOPs, params, or latency predicted by the per-layer table) sum to it;
+a latency target is then checked end to end and refitted with the measured/predicted correction.
 
 This module is where the engine (block masks, removal, budget) and distill (KD loss) meet.
 """
@@ -24,21 +25,26 @@ from torch import Tensor, nn
 from kdprune.distill import kd_loss
 from kdprune.engine import (
     TOLERANCE,
+    BudgetError,
     BudgetMeter,
+    LatencyCheck,
     Target,
     apply_edit,
     attach_block_masks,
     fold_block_masks,
     mask_sites,
+    verify_latency,
 )
-from kdprune.methods.base import CompressContext
+from kdprune.methods.base import CompressContext, latency_info
 from kdprune.methods.registry import register_recipe, run_recipe
-from kdprune.metrics import complexity
+from kdprune.metrics import Backend, complexity
 from kdprune.training import SGD, Step, TrainConfig, evaluate, train
 from kdprune.training.callbacks import Callback, LoopState
+from kdprune.registry import check_choice_fields
 from kdprune.training.prox import FistaL1
 
-__all__ = ["OED", "OEDNet", "OEDTask", "BlockCommit", "block_costs", "default_cycle", "select_blocks", "finish"]
+__all__ = ["OED", "OEDNet", "OEDTask", "BlockCommit", "block_costs", "commit_goal", "default_cycle", "select_blocks",
+           "choose_blocks", "finish"]
 
 RECIPE_VERSION = 2  # 2: blocks committed during the cycle for a target
 
@@ -58,6 +64,9 @@ class OED:
     lam: float = 0.02  # L1 weight of the masks, applied by the prox step only
     target_flops: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None  # of the measured latency at latency_batch on latency_backend
+    latency_batch: int = 1
+    latency_backend: Backend = Backend.EAGER
     finetune: TrainConfig = field(default_factory=default_cycle)  # the one training cycle
     temperature: float = 3.0
     alpha: float = 1.0
@@ -88,14 +97,15 @@ class OED:
             raise ValueError("OED needs 0 <= commit_at < 1 and 0 <= ramp <= 1 - commit_at")
         if self.select_val < 1:
             raise ValueError("OED.select_val must be >= 1: the best replica is chosen on held-out training images")
-        if self.target_flops is not None or self.target_params is not None:
-            self.target()  # validates
+        check_choice_fields(self)
+        self.target()  # validates: at most one target fraction, in (0, 1)
 
     def target(self) -> Target | None:
         """The engine Target, or None when lam alone decides which blocks go."""
-        if self.target_flops is None and self.target_params is None:
+        if all(v is None for v in (self.target_flops, self.target_params, self.target_latency)):
             return None
-        return Target(flops=self.target_flops, params=self.target_params)
+        return Target(flops=self.target_flops, params=self.target_params, latency=self.target_latency,
+                      latency_batch=self.latency_batch, latency_backend=self.latency_backend)
 
 
 def _classifier(model: nn.Module) -> nn.Module:
@@ -200,27 +210,46 @@ def _removal(model: nn.Module, x: Tensor, blocks: frozenset[str]) -> None:
 def select_blocks(model: nn.Module, x: Tensor, sites: dict[str, str], values: Tensor,
                   target: Target | None) -> frozenset[str]:
     """Blocks to remove: every zero-mask block and, for a target, the other blocks of least total
-    mask whose removal lands within 1% of it (each block's cost measured once by the budget
-    service's meter; removal costs add up, so a subset-sum search finds the set; the chosen set is
-    measured again physically)."""
+    mask whose removal lands within 1% of it (see ``choose_blocks``)."""
+    return choose_blocks(model, x, sites, values, target)[0]
+
+
+def choose_blocks(model: nn.Module, x: Tensor, sites: dict[str, str], values: Tensor, target: Target | None
+                  ) -> tuple[frozenset[str], LatencyCheck | None]:
+    """``select_blocks`` and, for a latency target, its end-to-end check: each block's cost is
+    measured once by the budget service's meter; removal costs add up, so a subset-sum search finds
+    the set; the chosen set is measured again physically (latency: end to end, refitted with the
+    measured/predicted correction when it misses by more than 5%)."""
     names = list(sites)
     zero = frozenset(b for b, v in zip(names, values.tolist()) if v == 0.0)
     if target is None:
-        return zero
+        return zero, None
     meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
-    base, goal = meter.kept(zero), target.value
-    if base < goal - TOLERANCE:
-        raise ValueError(f"OED: the {len(zero)} blocks whose masks reached 0 already leave {base:.4f} of "
-                         f"{target.metric}, below the target {goal}: lower lam")
     mask = dict(zip(names, values.tolist()))
+    if meter.latency is None:
+        return _pick(meter, zero, names, mask), None
+    best, check = verify_latency(meter, lambda: meter.measure(_pick(meter, zero, names, mask)),
+                                 limits=" with whole blocks", advice="; use another target or lam alone")
+    return best.candidate, check
+
+
+def _pick(meter: BudgetMeter[frozenset[str]], zero: frozenset[str], names: list[str], mask: dict[str, float]
+          ) -> frozenset[str]:
+    """The least-mask set of blocks (with every zero-mask one) that the meter says meets the target."""
+    target, tol = meter.target, meter.target.tolerance
+    base, goal = meter.kept(zero), target.value
+    if base < goal - tol:
+        raise BudgetError(f"OED: the {len(zero)} blocks whose masks reached 0 already leave {base:.4f} of "
+                          f"{target.metric}, below the target {goal}: lower lam", None)
     cost = {b: base - meter.kept(zero | {b}) for b in names if b not in zero}
-    for extra in _subsets_near(cost, mask, base - goal):
+    for extra in _subsets_near(cost, mask, base - goal, tol):
         cand = zero | extra
-        if abs(meter.kept(cand) - goal) <= TOLERANCE:
+        if abs(meter.kept(cand) - goal) <= tol:
             return cand
     reach = sorted({round(base - sum(cost[b] for b in c), 4) for c in _subsets_near(cost, mask, base - goal, 1.0)})
-    raise ValueError(f"OED: no set of whole blocks keeps {goal} of {target.metric} within {TOLERANCE:.0%} "
-                     f"(nearest reachable: {reach[:6]}); use another target or lam alone")
+    how = " (predicted)" if meter.latency is not None else ""
+    raise BudgetError(f"OED: no set of whole blocks keeps {goal} of {target.metric} within {tol:.0%} "
+                      f"(nearest reachable{how}: {reach[:6]}); use another target or lam alone", None)
 
 
 def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, window: float = TOLERANCE,
@@ -248,7 +277,7 @@ def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig
     values = net.masks[k].detach().clone()
     net.detach_hooks()
     model = net.replicas[k]
-    removed = select_blocks(model, x, net.sites, values, recipe.target())
+    removed, check = choose_blocks(model, x, net.sites, values, recipe.target())
     for i, b in enumerate(net.sites):
         if b in removed:
             values[i] = 0.0
@@ -258,7 +287,8 @@ def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig
     return model, {"replica_val_top1": accs, "selected_replica": k, "masks": net.masks.detach().tolist(),
                    "removed_blocks": [b for b in net.sites if b in removed],
                    "zero_mask_blocks": int((net.masks[k] == 0).sum()),
-                   "flops_kept": after.flops / dense.flops, "params_kept": after.params / dense.params}
+                   "flops_kept": after.flops / dense.flops, "params_kept": after.params / dense.params,
+                   **latency_info(check)}
 
 
 class BlockCommit(Callback):
@@ -267,9 +297,10 @@ class BlockCommit(Callback):
     ``ramp`` of the steps and stop shrinking the others (their lam -> 0 in ``fista``)."""
 
     def __init__(self, fista: FistaL1, masks: nn.Parameter, costs: dict[str, float], goal: float,
-                 commit_at: float, ramp: float) -> None:
+                 commit_at: float, ramp: float, tolerance: float = TOLERANCE) -> None:
         self.fista, self.masks, self.names = fista, masks, list(costs)
         self.costs, self.goal, self.commit_at, self.ramp = costs, goal, commit_at, ramp
+        self.tolerance = tolerance
         self.chosen: list[list[str] | None] = [None] * masks.shape[0]
         self.start: list[Tensor | None] = [None] * masks.shape[0]  # mask values at commit
         self.at = [0] * masks.shape[0]  # step of the commit
@@ -279,9 +310,9 @@ class BlockCommit(Callback):
 
     def _commit(self, k: int, step: int) -> None:
         mask = dict(zip(self.names, self.masks[k].tolist()))
-        near = _subsets_near(self.costs, mask, 1.0 - self.goal)
+        near = _subsets_near(self.costs, mask, 1.0 - self.goal, self.tolerance)
         if not near:
-            raise ValueError(f"OED: no set of whole blocks keeps {self.goal} within {TOLERANCE:.0%}")
+            raise ValueError(f"OED: no set of whole blocks keeps {self.goal} within {self.tolerance:.0%}")
         self.chosen[k], self.start[k], self.at[k] = sorted(near[0]), self.masks[k].detach().clone(), step
         lam = self.fista.lams[0]
         lam = lam.clone() if isinstance(lam, Tensor) else torch.full_like(self.masks, lam)
@@ -295,7 +326,7 @@ class BlockCommit(Callback):
         for k in range(self.masks.shape[0]):
             zeros = [b for b, v in zip(self.names, self.masks[k].tolist()) if v == 0.0]
             if self.chosen[k] is None and (state.step >= self.commit_at * total
-                                           or self._kept(zeros) <= self.goal + TOLERANCE):
+                                           or self._kept(zeros) <= self.goal + self.tolerance):
                 self._commit(k, state.step)
             if self.chosen[k] is not None:
                 frac = 1.0 - (state.step - self.at[k]) / max(1.0, self.ramp * total)
@@ -318,6 +349,20 @@ def block_costs(model: nn.Module, x: Tensor, sites: dict[str, str], target: Targ
     return {b: 1.0 - meter.kept(frozenset({b})) for b in sites}
 
 
+def commit_goal(model: nn.Module, x: Tensor, sites: dict[str, str], target: Target) -> float:
+    """The kept fraction BlockCommit aims for with ``block_costs``: the target's, or for latency
+    the predicted one that the measured/predicted correction, found by a block set meeting the
+    target end to end, maps onto the target (so an unreachable latency target fails before
+    the cycle, not after it)."""
+    if target.latency is None:
+        return target.value
+    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
+    names = list(sites)
+    verify_latency(meter, lambda: meter.measure(_pick(meter, frozenset(), names, dict.fromkeys(names, 1.0))),
+                   limits=" with whole blocks", advice="; use another target or lam alone")
+    return meter.predicted_goal()  # BlockCommit sums the raw (uncorrected) costs
+
+
 def _held_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
     n = min(n, max(1, len(train_set) // 5))  # small (test) sets: at most a fifth held out
     return train_set.split(n, seed=seed)
@@ -333,9 +378,11 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     fista = FistaL1([net.masks], recipe.lam, scale, recipe.restart_on_decay)
     task = OEDTask(recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing)
     callbacks: list[Callback] = [fista]
-    if recipe.target() is not None:  # after FISTA's step, so the ramp caps what FISTA produced
-        callbacks.append(BlockCommit(fista, net.masks, block_costs(model, x, sites, recipe.target()),
-                                     recipe.target().value, recipe.commit_at, recipe.ramp))
+    target = recipe.target()
+    if target is not None:  # after FISTA's step, so the ramp caps what FISTA produced
+        callbacks.append(BlockCommit(fista, net.masks, block_costs(model, x, sites, target),
+                                     commit_goal(model, x, sites, target), recipe.commit_at, recipe.ramp,
+                                     target.tolerance))
     res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
                 out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)

@@ -27,6 +27,7 @@ from kdprune.engine import (
     BudgetFit,
     BudgetMeter,
     ChannelGroup,
+    LatencyCheck,
     Global,
     MaskKind,
     MaskSet,
@@ -43,8 +44,9 @@ from kdprune.engine import (
     plan_key,
     plan_pruning,
     search_budget,
+    verify_latency,
 )
-from kdprune.methods.base import CompressContext, PruneRecipe
+from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, require_free_widths
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import complexity, layer_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
@@ -90,6 +92,7 @@ class SDAP(PruneRecipe):
             raise ValueError(f"SDAP.min_width must be >= 1, got {self.min_width}")
         if self.round_to is not None:
             raise ValueError("SDAP does not support round_to (gate masks are per channel); leave it None")
+        require_free_widths(self, "gate masks are per channel")
 
 
 def cubic_rate(step: int, ramp_steps: int, final: float) -> float:
@@ -184,7 +187,7 @@ class SDAPController:
                  weight_by_cost: bool = True) -> None:
         self.skeleton, self.groups, self.x, self.target = skeleton, list(groups), example_input, target
         self.mode, self.min_width = mode, min_width
-        metric = target.metric
+        metric = "flops" if target.metric == "latency" else target.metric  # latency: ranked by FLOPs share
         costs = channel_costs(skeleton, self.groups, metric, example_input) if weight_by_cost else None
         self.weights = costs or {g.root: torch.ones(g.channels, dtype=torch.float64) for g in self.groups}
         self.meter = BudgetMeter(skeleton, example_input, target, _apply_keep, _keep_key, max_cache=4096)
@@ -251,9 +254,19 @@ class SDAPController:
         if not fit.met:
             raise ValueError(
                 f"SDAP: {self.target.metric} target {self.target.value} cannot be met within "
-                f"{TOLERANCE:.0%} (closest kept fraction {fit.best.kept:.4f}, smallest reachable "
+                f"{self.target.tolerance:.0%} (closest kept fraction {fit.best.kept:.4f}, smallest reachable "
                 f"{fit.floor.kept:.4f} under min_width={self.min_width}); choose another target or min_width")
         return fit.t, fit.best.kept
+
+    def verify(self, keep: Mapping[str, torch.Tensor], gate_abs: Mapping[str, torch.Tensor]
+               ) -> tuple[Mapping[str, torch.Tensor], LatencyCheck | None]:
+        """For a latency target: ``keep`` measured end to end and, when it misses by more than 5%,
+        refitted for these gates under the measured/predicted correction; else ``keep`` as it is."""
+        if self.meter.latency is None:
+            return keep, None
+        best, check = verify_latency(self.meter, lambda: self.fit(gate_abs).best, self.meter.measure(keep),
+                                     limits=f" under min_width={self.min_width}")
+        return best.candidate, check
 
 
 def _gate_abs(masks: MaskSet) -> dict[str, torch.Tensor]:
@@ -370,7 +383,10 @@ def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor) -> tupl
     groups = channel_groups(copy.deepcopy(skeleton), x)  # trace a copy: BN stats stay untouched
     ctl = SDAPController(skeleton, groups, x, recipe.target(), recipe.mode, recipe.min_width,
                          recipe.weight_by_cost)
-    ctl.check_reachable({g.root: torch.ones(g.channels) for g in groups})
+    ones = {g.root: torch.ones(g.channels) for g in groups}
+    ctl.check_reachable(ones)
+    if ctl.meter.latency is not None:  # correct the prediction now, so training masks what will be cut
+        ctl.verify(ctl.best_keep(ones)[0], ones)
     masks = attach_masks(model, groups, kind=MaskKind.GATE, init=1.0)
     return masks, GateSchedule(masks, ctl, recipe.ramp_epochs, recipe.gate_l1)
 
@@ -382,13 +398,17 @@ def _finish(model: nn.Module, masks: MaskSet, cb: GateSchedule, x: torch.Tensor)
     if abs(kept - goal) > TOLERANCE:
         cb.keep, _, kept = ctl.best_keep(_gate_abs(masks))
         adjusted = True
-    if abs(kept - goal) > TOLERANCE:
+    if abs(kept - goal) > ctl.target.tolerance:
         raise ValueError(f"SDAP: final masks keep {kept:.4f} of {ctl.target.metric}, target {goal}")
+    keep, check = ctl.verify(cb.keep, _gate_abs(masks))
+    adjusted = adjusted or keep is not cb.keep
+    cb.keep = dict(keep)
+    kept = check.measured if check is not None else kept
     plan = fold_and_remove(model, masks, cb.keep, x)
     c, dense = complexity(model, example_input=x.to(next(model.parameters()).device)), ctl.dense_complexity
     return {"p_final": cb.p_final, "achieved": kept, "final_remask": adjusted,
             "flops_kept": c.flops / dense.flops, "params_kept": c.params / dense.params,
-            "channels_removed": plan.num_removed, "calibrations": cb.history}
+            "channels_removed": plan.num_removed, "calibrations": cb.history, **latency_info(check)}
 
 
 @run_recipe.register

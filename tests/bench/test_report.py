@@ -1,0 +1,85 @@
+"""The report from a results JSONL alone: mean ± std over seeds per (method, budget, target), the
+dense base and control rows, failed runs named, Pareto PNGs; latency kept across sessions."""
+import json
+
+import pytest
+
+from kdprune.bench import aggregate, config_from_dict, pareto_front, write_report
+
+
+def _line(run, method, top1, seed=0, budget="equal epochs", target=0.5, **kw):
+    return {"run": run, "method": method, "recipe": kw.pop("recipe", "L1Finetune"), "budget": budget,
+            "target_metric": "flops", "target_value": target, "seed": seed, "epochs": 3, "top1": top1,
+            "flops_kept": target, "params_kept": target, "wall_s": 10.0, "base_top1": 90.0, "commit": "abc",
+            "machine": "m", "command": "kdprune bench x.yaml", **kw}
+
+
+LINES = [
+    {"run": "dense-base", "method": "dense base", "recipe": "dense", "budget": "", "epochs": 0, "top1": 90.0,
+     "flops_kept": 1.0, "params_kept": 1.0, "input_shape": [1, 8, 8], "train_images": 100, "commit": "abc",
+     "machine": "m", "command": "c"},
+    _line("l1-flops0.5-s0", "l1", 88.0), _line("l1-flops0.5-s1", "l1", 89.0, seed=1),
+    _line("l1-flops0.25-s0", "l1", 80.0, target=0.25),
+    _line("x-flops0.5-s0", "x", None, recipe="OED", error="flops target 0.5 is unreachable"),
+    {"run": "control-e3-s0", "method": "dense + same epochs", "recipe": "dense", "budget": "equal epochs",
+     "seed": 0, "epochs": 3, "top1": 91.0, "flops_kept": 1.0, "params_kept": 1.0, "wall_s": 5.0, "base_top1": 90.0,
+     "commit": "abc", "machine": "m", "command": "c"},
+    _line("l1-wall-x-flops0.5-s0", "l1", 89.5, budget="equal wall"),
+]
+
+
+def _cfg(tmp_path):
+    path = tmp_path / "results" / "r.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in LINES) + '{"torn": \n')  # a killed write at the end
+    return config_from_dict({"base": "base", "targets": [{"flops": 0.5}], "results": "results/r.jsonl",
+                             "runs": "runs", "methods": [{"label": "l1", "method": "l1"}]}, root=tmp_path)
+
+
+def test_rows_mean_std_base_control_and_failures():
+    rows = aggregate(LINES)
+    assert [(r["method"], r["budget"], r["target"]) for r in rows] == [
+        ("dense base", "", "-"), ("dense + same epochs", "same epochs (3)", "-"),
+        ("l1", "equal epochs", "flops 0.5"), ("x", "equal epochs", "flops 0.5"), ("l1", "equal wall", "flops 0.5"),
+        ("l1", "equal epochs", "flops 0.25")]
+    l1 = rows[2]
+    assert l1["top1"] == "88.50 ± 0.71 (2)" and l1["delta"] == -1.5
+    assert l1["runs"] == ["l1-flops0.5-s0", "l1-flops0.5-s1"]
+    assert rows[3]["note"].startswith("failed: flops target 0.5 is unreachable") and rows[3]["n"] == 0
+    assert rows[1]["top1"] == "91.00"
+
+
+def test_table_and_plots_from_the_jsonl(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    rep = write_report(cfg, latency=False)
+    md = (tmp_path / "results" / "r.md").read_text()
+    assert md == rep.markdown and "| l1 | L1Finetune | equal epochs | flops 0.5 | 88.50 ± 0.71 (2) | -1.5" in md
+    assert "dense + same epochs" in md and "failed: flops target" in md and "`kdprune bench x.yaml`" in md
+    assert [p.name for p in rep.plots] == ["r_pareto_flops.png"]  # no latency measured or stored
+    assert rep.plots[0].read_bytes()[:4] == b"\x89PNG"
+    assert "not a JSON line" in capsys.readouterr().err
+
+
+def test_stored_latency_is_reused(tmp_path):
+    cfg = _cfg(tmp_path)
+    lat = {"1": {"median_ms": 2.0, "speedup": 1.0}, "64": {"median_ms": 40.0, "speedup": 1.0}}
+    fast = {"1": {"median_ms": 1.0, "speedup": 2.0}, "64": {"median_ms": 20.0, "speedup": 2.0}}
+    (tmp_path / "results" / "r.latency.json").write_text(json.dumps({"groups": {
+        "dense base": {"latency": lat, "measured": {"rounds": 15, "threads": 1, "date": "d", "machine": "m"}},
+        "l1 | equal epochs | flops 0.5": {"run": "l1-flops0.5-s0", "latency": fast}}}))
+    rep = write_report(cfg, latency=True)  # no saved models under runs/: the stored numbers stay
+    rows = {(r["method"], r["budget"], r["target"]): r for r in rep.rows}
+    assert rows[("l1", "equal epochs", "flops 0.5")]["speedup_bs64"] == 2.0
+    assert rows[("dense + same epochs", "same epochs (3)", "-")]["lat_bs64_ms"] == 40.0
+    assert [p.name for p in rep.plots] == ["r_pareto_flops.png", "r_pareto_latency.png"]
+
+
+def test_pareto_front():
+    assert pareto_front([(1.0, 90), (0.5, 88), (0.25, 80), (0.5, 85), (0.6, 87)]) == [(0.25, 80), (0.5, 88), (1.0, 90)]
+
+
+def test_no_results_is_a_clear_error(tmp_path):
+    cfg = config_from_dict({"base": "b", "targets": [{"flops": 0.5}], "results": "none.jsonl", "runs": "runs",
+                            "methods": [{"label": "l1", "method": "l1"}]}, root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no results yet"):
+        write_report(cfg)
