@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see kdprune.cli.main
 
 import argparse
+import dataclasses
 import math
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def grid(args: argparse.Namespace, part: str) -> dict[str, tuple[object, float]]
         lam = best_lam(args)
         return {f"edp-{'kd' if kd else 'ce'}-lam{lam}-f{t}-s{s}": (_edp(args, t, lam, kd), t)
                 for t in args.targets for kd in (0.0, args.kd_alpha)}
+    if part == "ablation":  # at 25%, no KD: the epoch split, and uniform allocation
+        lam, total, t = best_lam(args), args.sparse_epochs + args.finetune_epochs, 0.25
+        late = dataclasses.replace(_edp(args, t, lam, 0.0), sparse=_cfg(args, 1), finetune=_cfg(args, total - 1))
+        flat = dataclasses.replace(_edp(args, t, lam, 0.0), mode=kp.engine.Uniform())
+        return {f"edp-ce-lam{lam}-split1+{total - 1}-f{t}-s{s}": (late, t),
+                f"edp-ce-lam{lam}-uniform-f{t}-s{s}": (flat, t)}
     out, total = {}, args.sparse_epochs + args.finetune_epochs
     for t in args.targets:
         budget = _line(f"edp-ce-lam{best_lam(args)}-f{t}-s{s}")["wall_s"]
@@ -83,7 +90,8 @@ def _record(args: argparse.Namespace, tag: str, rep: dict, top1: float, held_top
             "flops_kept": round(rep["after"]["flops"] / rep["before"]["flops"], 4),
             "params_kept": round(rep["after"]["params"] / rep["before"]["params"], 4), "wall_s": rep["wall_time_s"]}
     if r["type"] == "EDP":
-        line.update(lam=r["lam_col"], kd_alpha=r["kd_alpha"], merged=m["merged"], layers=m["layers"])
+        line.update(lam=r["lam_col"], kd_alpha=r["kd_alpha"], merged=m["merged"], layers=m["layers"],
+                    split=f"{r['sparse']['epochs']}+{r['finetune']['epochs']}", mode=str(r["mode"]))
     if held_top1 is not None:
         line["held_top1"] = held_top1
     append_jsonl(JSONL, {**line, "base_top1": rep["before"]["top1"], **provenance(MACHINE)})
@@ -129,7 +137,8 @@ def peak_inference_mib(model_dir: Path, shape: tuple[int, ...]) -> float:
 
 def _label(r: dict) -> str:
     if r["recipe"] == "EDP":
-        return f"EDP{' + KD' if r['kd_alpha'] else ''} (lam {r['lam']})"
+        extra = "".join(f", {v}" for v in (r.get("split"), r.get("mode")) if v and v not in ("2+1", "global"))
+        return f"EDP{' + KD' if r['kd_alpha'] else ''} (lam {r['lam']}{extra})"
     if r["recipe"] == "dense control":
         return f"dense + {r['epochs']} epochs (control)"
     wall = " equal wall" if "wall" in r["run"] else ""
@@ -177,7 +186,8 @@ def report(args: argparse.Namespace, base, train, test) -> None:
 def main() -> None:
     """Run parts of the grid, or the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["sweep", "main", "walltime"], default=["sweep", "main", "walltime"])
+    p.add_argument("--only", nargs="+", choices=["sweep", "main", "walltime", "ablation"],
+                   default=["sweep", "main", "walltime", "ablation"])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     p.add_argument("--kd-alpha", type=float, default=0.9)

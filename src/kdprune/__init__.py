@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "pretrained": "kdprune.models.pretrained",
     "list_pretrained": "kdprune.models.pretrained",
 }
-_SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "utils")
+_SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "bench", "utils")
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

@@ -7,6 +7,7 @@ from kdprune.engine.graph import (
     TRACE_TIMEOUT_S,
     TraceTimeout,
     ChannelGroup,
+    barrier_pruners,
     Member,
     build_graph,
     channel_groups,
@@ -60,7 +61,7 @@ from kdprune.engine.target import PruneReport, Target, prune_to_target
 __all__ = [
     "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width",
     "BARRIER_ATTR", "ChannelGroup", "Member", "build_graph", "channel_groups", "classifier_layers",
-    "find_barriers", "tp_group", "TRACE_TIMEOUT_S", "TraceTimeout",
+    "find_barriers", "tp_group", "barrier_pruners", "TRACE_TIMEOUT_S", "TraceTimeout",
     "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",
     "LayerCoverage", "coverage_summary", "describe",
     "RemoveBlock", "ShortcutOnly", "checked_parts", "residual_blocks", "residual_parts",

@@ -126,6 +126,13 @@ class _BarrierPruner(tpf.BasePruningFunc):
         return layer.kdprune_channels()[0] if is_placer(layer) else None
 
 
+def barrier_pruners(types: Iterable[type]) -> dict[type, tpf.BasePruningFunc]:
+    """torch-pruning ``customized_pruners`` for these barrier module types: placers are resized
+    through their protocol, other barriers never pruned (for code that drives torch-pruning's
+    own pruners on kdprune models, e.g. the peer recipes)."""
+    return {t: _BarrierPruner() for t in types}
+
+
 def _has_params(m: nn.Module) -> bool:
     return next(m.parameters(), None) is not None
 

@@ -19,11 +19,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from kdprune.engine import (Allocation, Global, Target, Uniform, apply_channel_edits, build_graph,
+# barrier_pruners: torch-pruning's own extension point for layers it cannot trace through
+# (option-A shortcuts), so the peer sees the same graph kdprune replays.
+from kdprune.engine import (Allocation, Global, Target, Uniform, apply_channel_edits, barrier_pruners, build_graph,
                             classifier_layers, find_barriers, fit_budget, prune_channels_edit, record_edit)
-# torch-pruning's own extension point for layers it cannot trace through (option-A shortcuts):
-# the engine's pruner for channel barriers, so the peer sees the same graph kdprune replays.
-from kdprune.engine.graph import _BarrierPruner
 from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, require_free_widths
 from kdprune.methods.baselines import default_sparse
 from kdprune.methods.registry import register_recipe, run_recipe
@@ -101,7 +100,7 @@ class PeerSetup:
     def kwargs(self, model: nn.Module) -> dict[str, Any]:
         """Keyword arguments for a torch-pruning pruner of ``model`` (a copy has its own modules)."""
         return {"ignored_layers": [model.get_submodule(n) for n in self.ignored],
-                "customized_pruners": {t: _BarrierPruner() for t in self.barrier_types}}
+                "customized_pruners": barrier_pruners(self.barrier_types)}
 
 
 def _pruner_type(recipe: Any) -> type:
