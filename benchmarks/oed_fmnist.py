@@ -52,6 +52,8 @@ def _lines(prefix: str = "") -> list[dict]:
 
 def best_lam(args: argparse.Namespace) -> float:
     """The swept lam whose final pruned model scores best on the held-out split (never the test set)."""
+    if args.lam is not None:  # e.g. another seed with the lam seed 0's held-out sweep chose
+        return args.lam
     sweep = [r for r in _lines("oed-k3-") if r["seed"] == args.seed and "held_top1" in r]
     if not sweep:
         raise SystemExit("run --only sweep first")
@@ -63,6 +65,9 @@ def grid(args: argparse.Namespace, part: str) -> dict[str, object]:
     s, t, r = args.seed, args.target, kp.recipes
     if part == "sweep":
         return {f"oed-k3-lam{lam}-s{s}": _oed(args, lam, args.replicas) for lam in args.lams}
+    if part == "main":  # another seed at a given lam: OED K=3 and the equal-epoch baselines
+        lam = best_lam(args)
+        return {**grid(args, "baselines"), f"oed-k3-lam{lam}-s{s}": _oed(args, lam, args.replicas)}
     if part == "k1":
         return {f"oed-k1-lam{best_lam(args)}-s{s}": _oed(args, best_lam(args), 1)}
     if part == "baselines":
@@ -151,10 +156,11 @@ def report(args: argparse.Namespace, base, train, test) -> None:
 def main() -> None:
     """Run parts of the grid, or the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["sweep", "baselines", "k1", "walltime"],
+    p.add_argument("--only", nargs="+", choices=["sweep", "baselines", "k1", "walltime", "main"],
                    default=["sweep", "baselines", "k1", "walltime"])
     p.add_argument("--target", type=float, default=0.65, help="FLOPs kept (3 of 9 blocks)")
     p.add_argument("--lams", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    p.add_argument("--lam", type=float, help="skip the sweep's choice: use this lam (other seeds)")
     p.add_argument("--mask-lr", type=float, default=0.1)
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--epochs", type=int, default=4)
