@@ -116,20 +116,25 @@ def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
 
 
 MEMORY_CODE = """
-import resource, sys, torch, kdprune as kp
+import sys, torch, kdprune as kp
 torch.set_num_threads(1)
 m = kp.load_pruned(sys.argv[1]).eval()
 x = torch.randn(64, *[int(v) for v in sys.argv[2:]])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kib(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))
 with torch.no_grad():
+    m(x)  # allocator warm: the peak below is the forward's working set, not first-touch
+    open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
+    before = kib('VmRSS:')
     for _ in range(3):
         m(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((kib('VmHWM:') - before) / 1024)
 """
 
 
 def peak_inference_mib(model_dir: Path, shape: tuple[int, ...]) -> float:
-    """Growth of peak RSS (MiB) over three batch-64 forwards, in a fresh process (one thread)."""
+    """Peak RSS above the resting RSS (MiB) during batch-64 forwards, in a fresh process (one thread;
+    Linux: the peak is reset through /proc/self/clear_refs after a warm-up forward)."""
     out = subprocess.run([sys.executable, "-c", MEMORY_CODE, str(model_dir), *map(str, shape)], check=True,
                          capture_output=True, text=True, timeout=300)
     return round(float(out.stdout.strip().splitlines()[-1]), 1)
@@ -169,7 +174,7 @@ def report(args: argparse.Namespace, base, train, test) -> None:
     rows += _rows(args)
     shape = tuple(x.shape[1:])
     models = {"dense base": base, **load_row_models(rows, [args.runs, args.cascade_runs], x)}
-    for row in (r for r in rows if r.get("key") in models):
+    for row in (r for r in rows if r.get("key") in models and r["key"] != "dense base"):
         folder = next(f for f in (args.runs, args.cascade_runs) if (f / row["key"] / "model").is_dir())
         row["peak_mib"] = peak_inference_mib(folder / row["key"] / "model", shape)
     add_latency(rows, models, base_m, shape)

@@ -120,7 +120,7 @@ def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
 def _label(r: dict) -> str:
     if r["recipe"] == "OED":
         return f"OED K={r['replicas']} lam={r['lam']}"
-    return f"{r['recipe']} ({r['epochs']} ep)"
+    return f"{r['recipe']} ({r['epochs']} ep{', equal wall' if '-wall' in r['run'] else ''})"
 
 
 def _aggregate(lines: list[dict]) -> list[dict]:
