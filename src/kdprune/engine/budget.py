@@ -341,7 +341,8 @@ def search_budget(meter: BudgetMeter[C], propose: Callable[[float], C], neighbou
 
 
 def fit_budget(model: nn.Module, example_input: torch.Tensor, target: Target, propose: Callable[[float], C],
-               neighbours: Neighbours | None = None, *, apply: Callable[[nn.Module, torch.Tensor, C], Any] = apply_plan,
+               neighbours: Neighbours | None = None, *,
+               apply: Callable[[nn.Module, torch.Tensor, C], Any] = apply_plan,
                key: Callable[[C], Hashable] = _default_key, bisection: Bisection = Bisection(),
                refine: Refine = Refine(), meter: BudgetMeter[C] | None = None, limits: str = "",
                advice: str = "", verify: bool = True) -> BudgetFit[C]:

@@ -258,7 +258,8 @@ def _cascade_stage(recipe: Cascade, model: nn.Module, ctx: CompressContext) -> t
     masks.to(p.device).attach(model)
     cfg = ctx.with_progress(recipe.cascade, "cascade")
     steps = _steps_per_epoch(ctx.train, cfg) * cfg.epochs
-    pruner = CascadePruner(masks, skeleton, groups, x, recipe, round(recipe.prune_fraction * steps) // recipe.prune_every)
+    events = round(recipe.prune_fraction * steps) // recipe.prune_every
+    pruner = CascadePruner(masks, skeleton, groups, x, recipe, events)
     task = CascadeTask(ctx.dense, masks, recipe.temperature, recipe.alpha, cfg.label_smoothing)
     res = train(model, ctx.train, None, cfg, task=task, out_dir=ctx.stage_dir("cascade"),
                 resume=ctx.resumable("cascade"), callbacks=[pruner], record={"method": "cascade"}, save_model=False)
