@@ -45,6 +45,7 @@ from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice
 from kdprune.training import SGD, Cosine, TrainConfig, train
 from kdprune.training.prox import GroupLassoProx, GroupSlices
+from kdprune.utils.forward import probe_forward
 
 __all__ = ["EDP", "Conv3x3", "AllConvs", "Named", "MergeByFlops", "MergeByLatency", "edp_families",
            "merge_decisions", "default_sparse_stage"]
@@ -199,22 +200,14 @@ def edp_families(model: nn.Module, groups: list[ChannelGroup], lam_col: float, l
 
 def _input_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args, n=n: shapes.__setitem__(n, tuple(args[0].shape))) for n in decomposed_convs(model)]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    probe_forward(model, x, {n: (lambda mod, args, out, n=n: shapes.__setitem__(n, tuple(args[0].shape)))
+                             for n in decomposed_convs(model)})
     return shapes
 
 
 def merge_decisions(model: nn.Module, x: torch.Tensor, rule: MergeRule) -> dict[str, bool]:
     """Block name -> whether ``rule`` merges it (at its current rank and widths)."""
-    was = model.training
     shapes = _input_shapes(model, x)
-    model.train(was)
     return {n: rule.merge(model.get_submodule(n), shapes[n]) for n in decomposed_convs(model)}
 
 
