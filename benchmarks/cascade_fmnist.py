@@ -28,7 +28,7 @@ from pathlib import Path
 
 import kdprune as kp
 from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, group_lines, load_row_models,
-                    mean_std, provenance, read_jsonl, run_recipe, write_results)
+                    mean_std, provenance, read_jsonl, run_recipe, subset_inputs, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "cascade_fmnist_runs.jsonl"
@@ -164,9 +164,7 @@ def main() -> None:
     p.add_argument("--walltime", action="store_true", help="the equal-wall-time baselines")
     p.add_argument("--report", action="store_true")
     args = p.parse_args()
-    full, test = kp.data.load("fashion-mnist")
-    train = full.split(args.train_images, seed=args.seed)[1]  # a stratified, seeded subset
-    base = kp.pretrained(BASE)
+    train, test, base = subset_inputs(args.train_images, args.seed, BASE)
     (report if args.report else run_grid)(args, base, train, test)
 
 

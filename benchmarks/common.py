@@ -127,3 +127,10 @@ def group_lines(lines: list[dict[str, Any]], key: Any) -> dict[Any, list[dict[st
     for r in lines:
         groups.setdefault(key(r), []).append(r)
     return groups
+
+
+def subset_inputs(train_images: int, seed: int, base: str) -> tuple[Any, Any, Any]:
+    """(train subset, test set, base model) of the Fashion-MNIST grids: ``train_images`` rows drawn
+    per class (stratified, seeded) from the training set, the shipped base ``base``."""
+    full, test = kp.data.load("fashion-mnist")
+    return full.split(train_images, seed=seed)[1], test, kp.pretrained(base)

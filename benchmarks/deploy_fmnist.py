@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kdprune as kp
-from common import RESULTS, append_jsonl, provenance, read_jsonl, run_recipe, write_results
+from common import RESULTS, append_jsonl, provenance, read_jsonl, run_recipe, subset_inputs, write_results
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "deploy_fmnist_runs.jsonl"
@@ -109,9 +109,7 @@ def main() -> None:
     p.add_argument("--cascade-runs", type=Path, default=Path("runs/cascade_fmnist"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    full, test = kp.data.load("fashion-mnist")
-    data = full.split(args.train_images, seed=args.seed)[1]
-    base = kp.pretrained(BASE)
+    data, test, base = subset_inputs(args.train_images, args.seed, BASE)
     if args.train:
         train(args, base, data, test)
     if args.report:

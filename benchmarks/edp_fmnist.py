@@ -30,7 +30,7 @@ import torch
 
 import kdprune as kp
 from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, group_lines, load_row_models, mean_std,
-                    provenance, read_jsonl, run_recipe, write_results)
+                    provenance, read_jsonl, run_recipe, subset_inputs, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "edp_fmnist_runs.jsonl"
@@ -206,9 +206,7 @@ def main() -> None:
     p.add_argument("--report", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    full, test = kp.data.load("fashion-mnist")
-    train = full.split(args.train_images, seed=args.seed)[1]  # the cascade grid's stratified subset
-    base = kp.pretrained(BASE)
+    train, test, base = subset_inputs(args.train_images, args.seed, BASE)
     if args.report:
         report(args, base, train, test)
         return

@@ -29,7 +29,7 @@ import torch
 
 import kdprune as kp
 from common import (LATENCY_NOTE, RESULTS, add_latency, append_jsonl, dense_control, group_lines, load_row_models,
-                    mean_std, provenance, read_jsonl, run_recipe, write_results)
+                    mean_std, provenance, read_jsonl, run_recipe, subset_inputs, write_results)
 
 BASE = "pretrained:resnet20-fmnist"
 JSONL = RESULTS / "oed_fmnist_runs.jsonl"
@@ -173,9 +173,7 @@ def main() -> None:
     args = p.parse_args()
     globals()["JSONL"] = args.jsonl
     torch.set_num_threads(args.threads)
-    full, test = kp.data.load("fashion-mnist")
-    train = full.split(args.train_images, seed=args.seed)[1]  # a stratified, seeded subset
-    base = kp.pretrained(BASE)
+    train, test, base = subset_inputs(args.train_images, args.seed, BASE)
     if args.report:
         report(args, base, train, test)
         return
