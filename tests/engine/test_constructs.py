@@ -63,11 +63,10 @@ EXPECT = {
     "shufflev2": Expect(whole="coupled to channel barrier <channel reshape in"),
     # DepGraph maps slice indices wrongly, so the sliced stream stays whole
     "dualpath": Expect(whole="coupled to a channel slice"),
-    # the channel-multiplier conv reads each input channel as its own conv group: its inputs are
-    # tied together (dropping whole conv groups is not implemented), so 25% of params is out of reach
-    "separable": Expect(params=False, whole="ties all"),
-    # grouped 1x1 convs read the concat of two channel groups, and every other channel crosses a shuffle
-    "shufflev1": Expect(flops=False, params=False, whole="reads channels of several channel groups"),
+    # the channel-multiplier conv drops whole conv groups: its inputs and outputs are one linked group
+    "separable": Expect(),
+    # grouped 1x1 convs over a concat: the concat's groups are linked; the shuffle maps channels
+    "shufflev1": Expect(),
 }
 
 
@@ -107,7 +106,7 @@ def test_unnarrowed_convs_have_the_named_reason(name):
         assert any(EXPECT[name].whole in r.reason for r in whole), [(r.name, r.reason) for r in whole]
 
 
-@pytest.mark.parametrize("name", sorted(n for n in FACTORIES if n != "shufflev1"))
+@pytest.mark.parametrize("name", sorted(FACTORIES))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pruned_equals_masked(name, seed):
     model = _model(name)
@@ -158,10 +157,22 @@ class InlineShuffle(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def test_functional_shuffle_is_a_named_barrier():
-    rows = {r.name: r for r in describe(InlineShuffle(), X)}
-    assert not rows["a"].prunable and "view [2, 8, 16, 16] -> [2, 2, 4, 16, 16]" in rows["a"].reason
-    assert rows["b"].prunable  # the barrier is only where the shuffle is
+def test_functional_shuffle_is_linked_not_a_barrier():
+    model = _randomized(InlineShuffle())
+    rows = {r.name: r for r in describe(model, X)}
+    assert rows["a"].prunable and rows["b"].prunable  # the shuffle maps channels, it no longer blocks
+    (g,) = [g for g in channel_groups(model, X) if g.root == "a"]
+    assert g.tie_size == 2 and len(g.ties) == 4  # one position from each shuffle block
+    plan = random_plan([g], 0)
+    ref = zero_removed(model, [g], plan)
+    apply_plan(model, X, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), rtol=1e-4, atol=1e-5)
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize(model.eval(), X)
 
 
 class SlowTrace(nn.Module):

@@ -31,8 +31,10 @@ def test_reasons_name_the_cause_and_the_model_is_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = _by_name(describe(model, X[:1]))
     assert rows["fc"].reason == "classifier output" and not rows["fc"].prunable
-    assert "grouped conv g.0 ties all 8 channels" in rows["a.0"].reason and not rows["a.0"].prunable
-    assert rows["g.0"].prunable and rows["b.0"].prunable and rows["b.0"].reason == "group root"
+    # the multiplier conv drops whole conv groups: its inputs and outputs are one linked group
+    assert rows["a.0"].prunable and rows["a.0"].reason == "group root"
+    assert rows["g.0"].prunable and rows["g.0"].reason == "in the group of a.0"
+    assert rows["b.0"].prunable and rows["b.0"].reason == "group root"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
     chain = _by_name(describe(ChainNet(), X[:1], ignored_layers=["conv2"]))
     assert chain["conv2"].reason == "ignored by the caller" and chain["conv1"].prunable

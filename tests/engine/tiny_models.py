@@ -127,8 +127,8 @@ class GroupedNet(nn.Module):
 
 
 class MultiplierNet(nn.Module):
-    """A depthwise conv with a channel multiplier (groups=in=8, out=16): its input channels are
-    all tied (each is a conv group of its own), its outputs prune by lowering the multiplier."""
+    """A depthwise conv with a channel multiplier (groups=in=8, out=16): removing one of its input
+    channels removes its conv group (2 output channels), so both sides are one linked group."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,6 +21,9 @@ class RunConfig:
     data_root: str | None = None
     train_subset: int | None = None
     val_subset: int | None = None
+    # Training images held out (stratified, seeded by train.seed) as the validation set that every
+    # per-epoch score uses; the data set's own test split is then only reported at the end.
+    val_split: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -32,13 +35,17 @@ _OPT_FLAGS = {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"
 _SCHED_FLAGS = {"warmup_epochs": "warmup_epochs", "min_lr": "min_lr", "max_lr": "max_lr"}
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """--data, --data-root, subsets."""
+def add_data_args(p: argparse.ArgumentParser, val_split: bool = False) -> None:
+    """--data, --data-root, subsets (and --val-split where the command honours it)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="data set name: fashion-mnist (default), mnist, cifar10, cifar100, imagefolder")
     g.add_argument("--data-root", help="folder holding the data set files (default: the set's standard path)")
     g.add_argument("--train-subset", type=int, help="use only the first N (seeded) training images")
     g.add_argument("--val-subset", type=int, help="use only N (seeded) validation images")
+    if val_split:
+        g.add_argument("--val-split", type=int, metavar="N",
+                       help="hold out N training images (stratified, seeded by --seed) as the validation set "
+                            "scored every epoch; the test split is only reported at the end (test_metrics.json)")
 
 
 def add_train_args(p: argparse.ArgumentParser, per_method: bool = False) -> None:
@@ -110,7 +117,7 @@ def _merge_union(current: Any, name: str | None, values: dict[str, Any], default
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     """YAML (--config) first, then explicit flags on top; defaults come from the dataclasses."""
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for key in ("model", "data", "data_root", "train_subset", "val_subset"):
+    for key in ("model", "data", "data_root", "train_subset", "val_subset", "val_split"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
     if getattr(args, "model_kwargs", None):

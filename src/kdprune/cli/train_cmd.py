@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="zoo model name (default resnet20); see `kdprune info --list`")
     p.add_argument("--model-kwargs", nargs="*", type=str, metavar="KEY=VALUE", action="extend",
                    help="extra model arguments, e.g. shortcut=B")
-    add_data_args(p)
+    add_data_args(p, val_split=True)
     add_train_args(p)
     p.add_argument("--out", required=True, help="run directory (new or empty, or the same run with --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -28,16 +28,21 @@ def add_parser(sub) -> None:
 
 
 def load_run_data(cfg: RunConfig):
-    """The (train, val) data sets a RunConfig names, subset if asked."""
+    """(train, val, test) for a RunConfig, subset if asked: with ``val_split`` the validation set is
+    carved from the training images and the test split is returned apart (None otherwise)."""
     import kdprune as kp
 
     kwargs = {"root": cfg.data_root} if cfg.data_root else {}
     train, val = kp.data.load(cfg.data, **kwargs)
+    test = None
+    if cfg.val_split:
+        train, held = train.split(cfg.val_split, seed=cfg.train.seed)
+        val, test = held, val
     if cfg.train_subset:
         train = train.subset(cfg.train_subset, seed=cfg.train.seed)
     if cfg.val_subset:
         val = val.subset(cfg.val_subset, seed=cfg.train.seed)
-    return train, val
+    return train, val, test
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.model_kwargs = parse_kv(args.model_kwargs)
     cfg = build_run_config(args)
-    train, val = load_run_data(cfg)
+    train, val, test = load_run_data(cfg)
     prepare_out(Path(args.out), "train", args.resume, args.overwrite)
     seed_everything(cfg.train.seed)  # before the model draws its init: --seed alone fixes the run
     model = kp.create_model(cfg.model, num_classes=train.num_classes, in_chans=train.in_chans, **cfg.model_kwargs)
@@ -59,4 +64,17 @@ def run(args: argparse.Namespace) -> int:
         m = res.metrics
         print(f"done: {cfg.model} on {cfg.data}: val top1 {m.get('val_top1', float('nan')):.2f}%  "
               f"(loss {m.get('val_loss', float('nan')):.4f}) -> {args.out}")
+        if test is not None:  # reported only: nothing above chose anything on it
+            _report_test(res.model, test, cfg, Path(args.out))
     return 0
+
+
+def _report_test(model, test, cfg: RunConfig, out: Path) -> None:
+    """Score the final model once on the test split and write test_metrics.json."""
+    from kdprune.training.evaluate import evaluate
+    from kdprune.utils.meta import write_json
+
+    m = evaluate(model, test, batch_size=cfg.train.eval_batch_size)
+    write_json(out / "test_metrics.json", {"test_top1": m["top1"], "test_loss": m["loss"], "images": len(test),
+                                          "val_split": cfg.val_split})
+    print(f"test top1 {m['top1']:.2f}% on {len(test)} images (reported only)")

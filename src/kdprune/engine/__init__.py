@@ -9,12 +9,13 @@ from kdprune.engine.graph import (
     ChannelGroup,
     barrier_pruners,
     Member,
+    Part,
     build_graph,
-    channel_groups,
     classifier_layers,
     find_barriers,
     tp_group,
 )
+from kdprune.engine.links import GroupStatus, channel_groups, group_table
 from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, checked_parts, residual_blocks, residual_parts
 from kdprune.engine.discover import POST_FUNCTIONS, BlockScan, branch_end, discover_block, discover_blocks, scan_blocks
 from kdprune.engine.blockmask import BlockMaskHooks, attach_block_masks, fold_block_masks, mask_sites

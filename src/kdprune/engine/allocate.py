@@ -172,9 +172,13 @@ def lowest_channels(group: ChannelGroup, scores: torch.Tensor, n: int) -> tuple[
     if not group.ties:
         order = torch.sort(s, stable=True).indices
         return tuple(sorted(_protect_members(group, s, {int(i) for i in order[:n]})))
-    sums = torch.stack([s[list(c)].sum() for c in group.ties])
-    order = torch.sort(sums, stable=True).indices[: n // group.tie_size]
-    removed = {i for k in order for i in group.ties[int(k)]}
+    # mean score per class (the sum, for the equal classes of a grouped conv); classes that differ
+    # in size (a linked group) are taken while they fit, so exactly n go whenever sizes allow
+    means = torch.stack([s[list(c)].mean() for c in group.ties])
+    removed: set[int] = set()
+    for k in torch.sort(means, stable=True).indices.tolist():
+        if len(removed) + len(group.ties[k]) <= n:
+            removed.update(group.ties[k])
     removed = _protect_members(group, s, removed)
     return tuple(sorted(i for c in group.ties if set(c) <= removed for i in c))
 

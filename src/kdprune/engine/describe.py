@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kdprune.engine.graph import Member, _members, build_graph, classifier_layers, group_blocker, resolve_layers
+from kdprune.engine.graph import build_graph
+from kdprune.engine.links import group_table
 
 __all__ = ["LayerCoverage", "describe", "coverage_summary"]
 
@@ -29,31 +30,16 @@ class LayerCoverage:
     reason: str
 
 
-def _blocker(model: nn.Module, members: Sequence[Member], root: str, blocked: dict[str, str]) -> str | None:
-    """Why a whole group stays unpruned (the caller's exclusions first, then the engine's own
-    rule, ``group_blocker``), or None if it is prunable."""
-    if root in blocked:
-        return blocked[root]
-    for m in members:
-        if m.name in blocked and m.role == "out":
-            return f"coupled to {m.name} ({blocked[m.name]})"
-    return group_blocker(model, members)
-
-
 def _group_status(model: nn.Module, x: torch.Tensor, ignored_layers) -> tuple[dict[str, tuple[str, str | None]], set]:
-    """layer name -> (group root, blocker or None) for every output-channel member of every group."""
+    """layer name -> (group root, blocker or None) for every output-channel member of every group
+    (linked groups included, see ``kdprune.engine.links``)."""
     dg = build_graph(model, x)
-    names = {m: n for n, m in model.named_modules()}
-    blocked = {names[m]: "classifier output" for m in classifier_layers(model, dg) if m in names}
-    blocked.update({names[m]: "ignored by the caller" for m in resolve_layers(model, ignored_layers)})
     status: dict[str, tuple[str, str | None]] = {}
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_LAYERS):
-        members = _members(dg, group)
-        root = names.get(group[0].dep.target.module, members[0].name)
-        why = _blocker(model, members, root, blocked)
-        for m in members:
+    for row in group_table(model, x, ignored_layers, dg=dg, root_types=_LAYERS):
+        for m in row.group.members:
             if m.role == "out" and m.name not in status:
-                status[m.name] = (root, why)
+                status[m.name] = (row.group.root, row.blocker)
+    names = {m: n for n, m in model.named_modules()}
     traced = {names[m] for m in dg.module2node if m in names}
     return status, traced
 

@@ -6,6 +6,7 @@ channels that flow through parameter-free channel-changing modules (ResNet optio
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import warnings
@@ -18,11 +19,11 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
-from kdprune.engine.reshape import ChannelReshape, find_channel_reshapes, routed_forward
+from kdprune.engine.reshape import ChannelReshape, find_channel_reshapes, find_channel_shuffles, routed_forward
 
 __all__ = [
-    "Member", "ChannelGroup", "build_graph", "channel_groups", "find_barriers",
-    "tp_group", "classifier_layers", "resolve_layers", "BARRIER_ATTR", "tie_classes", "is_placer",
+    "Member", "Part", "ChannelGroup", "build_graph", "find_barriers",
+    "tp_group", "classifier_layers", "resolve_layers", "BARRIER_ATTR", "is_placer",
     "TRACE_TIMEOUT_S", "TraceTimeout",
 ]
 
@@ -57,6 +58,16 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One DepGraph group inside a linked ChannelGroup (see ``kdprune.engine.links``): its root and
+    the group channel each of its root channels belongs to (several may share one; -1 where the
+    root channel is in another part)."""
+
+    root: str
+    map: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
     """A set of coupled channels that must be pruned together (one DepGraph group).
 
@@ -74,13 +85,17 @@ class ChannelGroup:
     members: tuple[Member, ...]
     sites: tuple[str, ...]
     # Root channels that must go together (grouped convs: the same position in every conv group,
-    # see ``tie_classes``); empty when every channel can be removed on its own.
+    # see ``kdprune.engine.links.link_ties``); empty when every channel can be removed on its own.
     ties: tuple[tuple[int, ...], ...] = ()
+    # The DepGraph groups this one links (shuffle, channel multiplier, grouped conv over several
+    # groups), the first being ``root``'s; empty for a plain group (one part, numbered as its root).
+    parts: tuple[Part, ...] = ()
 
     @property
     def tie_size(self) -> int:
-        """Channels removed together (1 unless a grouped conv ties them)."""
-        return len(self.ties[0]) if self.ties else 1
+        """The step in which the group's width moves: 1 unless ties bind channels (the greatest
+        common divisor of the tie-class sizes, which may differ in a linked group)."""
+        return math.gcd(*(len(c) for c in self.ties)) if self.ties else 1
 
     def member(self, name: str) -> Member:
         """The member named ``name`` (KeyError if absent)."""
@@ -197,6 +212,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         model.eval()
         with _masks_disabled(model):
             calls = find_channel_reshapes(model, example_input)
+            shuffles = find_channel_shuffles(model, example_input, calls)
     finally:
         model.train(was_training)
     stand_ins = nn.ModuleList(ChannelReshape(c) for c in calls)
@@ -215,10 +231,31 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         model.train(was_training)  # tp's tracer leaves the model in eval mode
         if calls:
             delattr(model, _RESHAPES_ATTR)
-    for m in stand_ins:
-        dg._module2name[m] = m.call.describe()
+    labels = [m.call.describe() for m in stand_ins]
+    for k, m in enumerate(stand_ins):  # member names must be unique: number repeated labels
+        dg._module2name[m] = labels[k] if labels.count(labels[k]) == 1 else f"{labels[k][:-1]} #{k}>"
     dg.kdprune_barrier_classes = tuple(classes)
+    dg.kdprune_stand_ins = tuple(stand_ins)
+    # (name of the shuffle's first stand-in, of its second, the shuffle): linked, not barriers
+    dg.kdprune_shuffles = tuple((dg._module2name[stand_ins[s.first]], dg._module2name[stand_ins[s.first + 1]], s)
+                                for s in shuffles)
     return dg
+
+
+#: Prefix of a linked part rooted at a shuffle's output (no layer produces those channels): the
+#: k-th channel reshape of the forward, stable across pruning (unlike its shape-bearing label).
+RESHAPE_ROOT = "@reshape:"
+
+
+def stand_in_root(dg: tp.DependencyGraph, name: str) -> nn.Module | None:
+    """The stand-in module a ``@reshape:k`` part root names on this graph (None: not such a name)."""
+    if not name.startswith(RESHAPE_ROOT):
+        return None
+    k = int(name[len(RESHAPE_ROOT):])
+    stand_ins = getattr(dg, "kdprune_stand_ins", ())
+    if not 0 <= k < len(stand_ins):
+        raise ValueError(f"prune_channels: {name!r} names no channel reshape of this model ({len(stand_ins)} found)")
+    return stand_ins[k]
 
 
 #: Seconds DepGraph may trace before kdprune stops it: a reshape or permutation it cannot follow
@@ -343,7 +380,7 @@ def _sites(dg: tp.DependencyGraph, model: nn.Module, members: tuple[Member, ...]
 
 
 # Member kinds that make their whole group unprunable, and why (grouped convs are pruned under
-# tie constraints instead, see tie_classes). Barriers cannot be resized; a conv with groups equal
+# tie constraints instead, see kdprune.engine.links.link_ties). Barriers cannot be resized; a conv with groups equal
 # to its outputs but not its inputs has no even split; and DepGraph maps indices through channel
 # slices wrongly (a sliced-then-concatenated channel lands on the wrong consumer input).
 _UNPRUNABLE = {
@@ -353,67 +390,11 @@ _UNPRUNABLE = {
 }
 
 
-def group_blocker(model: nn.Module, members: Sequence[Member]) -> str | None:
-    """Why a group cannot be pruned (an unsupported member kind, or indices beyond a layer's
-    width), or None when it can."""
-    for m in members:
-        if m.kind in _UNPRUNABLE:
-            return _UNPRUNABLE[m.kind].format(name=m.name)
-    bad = invalid_member(model, members)
-    if bad is not None:
-        return f"{bad}; an unsupported channel op breaks the index mapping"
-    try:
-        tie_classes(model, members)
-    except _TieError as e:
-        return str(e)
-    return None
-
-
-class _TieError(ValueError):
-    """A grouped conv constrains the group's channels in a way pruning cannot honour."""
-
-
 def _gconv_period(model: nn.Module, m: Member) -> tuple[int, int]:
+    """(width, channels per conv group) of a grouped conv member on its side."""
     conv = model.get_submodule(m.name)
     width = conv.in_channels if m.role == "in" else conv.out_channels
     return width, width // conv.groups
-
-
-def _find(parent: list[int], i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
-
-
-def tie_classes(model: nn.Module, members: Sequence[Member]) -> tuple[tuple[int, ...], ...]:
-    """Root channels that must be removed together because of grouped convs: a grouped conv
-    keeps its ``groups``, so the same in-group position goes from every conv group (as
-    torch-pruning's in-channel pruner assumes); () when nothing is tied. Raises _TieError when
-    the ties cannot be honoured (a conv group reading another group's channels, or one class)."""
-    gconvs = [m for m in members if m.kind == "gconv" and m.idxs]
-    if not gconvs:
-        return ()
-    n = 1 + max(max(m.root_idxs) for m in members if m.root_idxs)
-    parent = list(range(n))
-    for m in gconvs:
-        width, per = _gconv_period(model, m)
-        local = dict(zip(m.idxs, m.root_idxs))
-        if len(local) != width:
-            raise _TieError(f"grouped conv {m.name} reads channels of several channel groups "
-                            f"({len(local)} of its {width} {m.role}put channels are in this one)")
-        for l, r in local.items():
-            parent[_find(parent, r)] = _find(parent, local[l % per])
-    classes: dict[int, list[int]] = {}
-    for r in sorted({r for m in members for r in m.root_idxs}):
-        classes.setdefault(_find(parent, r), []).append(r)
-    out = tuple(tuple(c) for c in classes.values())
-    if len(out) == 1:
-        raise _TieError(f"grouped conv {gconvs[0].name} ties all {len(out[0])} channels together "
-                        "(each input channel is a conv group of its own)")
-    if len({len(c) for c in out}) != 1:
-        raise _TieError(f"grouped convs {', '.join(m.name for m in gconvs)} tie channels unevenly")
-    return out
 
 
 def _width(module: nn.Module, role: str) -> int | None:
@@ -436,40 +417,6 @@ def invalid_member(model: nn.Module, members: Sequence[Member]) -> str | None:
         if width is not None and max(m.idxs) >= width:
             return f"{m.name} ({m.role}put index {max(m.idxs)} >= its {width} channels)"
     return None
-
-
-def channel_groups(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    ignored_layers: Sequence[nn.Module | str] = (),
-    dg: tp.DependencyGraph | None = None,
-    root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear),
-) -> list[ChannelGroup]:
-    """Prunable output-channel groups of ``model`` (DepGraph, Fang et al. 2023), excluding the
-    classifier output, groups touching ``ignored_layers`` or channel barriers, and groups whose
-    grouped-conv ties cannot be honoured."""
-    dg = dg or build_graph(model, example_input)
-    ignored = resolve_layers(model, ignored_layers) + classifier_layers(model, dg)
-    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
-    found = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=root_types):
-        members = _members(dg, group)
-        root = group[0].dep.target.module
-        why = group_blocker(model, members)
-        if why is not None:
-            if not any(m.kind in _UNPRUNABLE for m in members) and invalid_member(model, members):
-                warnings.warn(f"kdprune: the channel group of {dg._module2name.get(root, root)!r} is left "
-                              f"unpruned: {why}", stacklevel=2)
-            continue
-        found.append((order.get(root, len(order)), root, members))
-    found.sort(key=lambda t: t[0])
-    groups = []
-    for i, (_, root, members) in enumerate(found):
-        groups.append(ChannelGroup(
-            index=i, root=dg._module2name[root], dim="out", channels=len(members[0].idxs),
-            members=members, sites=_sites(dg, model, members), ties=tie_classes(model, members),
-        ))
-    return groups
 
 
 def tp_group(dg: tp.DependencyGraph, model: nn.Module, group: ChannelGroup | str,

@@ -9,6 +9,13 @@ forward under a ``TorchFunctionMode``, and during DepGraph's own trace the same 
 through a parameter-free stand-in module (``ChannelReshape``) that the graph treats as a barrier:
 channels on either side stay whole, with the reason named in ``describe``. Flattens to
 ``(batch, features)`` are left to DepGraph, which handles them.
+
+A channel shuffle (two consecutive channel reshapes in one module, the second restoring the
+first's input shape, with only data movement between them) is recognised by
+``find_channel_shuffles``: its permutation is read by sending channel indices through it, checked
+on the real activations, and kept when it has the shuffle form ``out[j] = in[(j % g) * (C / g) + j
+// g]``. The engine then links the channel groups on both sides (``kdprune.engine.links``) instead
+of leaving them whole.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ChannelReshape", "ReshapeCall", "find_channel_reshapes", "routed_forward"]
+__all__ = ["ChannelReshape", "ReshapeCall", "ChannelShuffle", "find_channel_reshapes", "find_channel_shuffles",
+           "routed_forward"]
 
 _RESHAPES = frozenset({
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
@@ -92,6 +100,110 @@ class _Route(TorchFunctionMode):
                 return self.stand_ins[self.k - 1](func, args, kwargs)  # recomputed under the module
             return out
         return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ChannelShuffle:
+    """Channel reshapes ``first`` and ``first + 1`` (call order) form a channel shuffle: output
+    channel j is input channel ``perm[j] = (j % groups) * (C / groups) + j // groups``."""
+
+    first: int
+    groups: int
+    perm: tuple[int, ...]
+
+
+class _Done(Exception):
+    """Stops a probing forward once every shuffle's output has been read."""
+
+
+class _Probe(TorchFunctionMode):
+    """Sends channel indices through each candidate pair: at its first call the input is replaced
+    by a tensor holding each channel's index, at its second the output is read back."""
+
+    def __init__(self, pairs: dict[int, int]) -> None:
+        super().__init__()
+        self.pairs, self.k = pairs, 0
+        self.read: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in _RESHAPES or not _is_channel_reshape(func, args, out):
+            return out
+        k, self.k = self.k, self.k + 1
+        if k in self.pairs:
+            x = args[0]
+            shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+            probe = torch.arange(x.shape[1], dtype=x.dtype, device=x.device).view(shape).expand_as(x)
+            return func(probe.contiguous(), *args[1:], **kwargs)
+        if k - 1 in self.pairs:
+            self.read[k - 1] = out.detach().clone()
+            if len(self.read) == len(self.pairs):
+                raise _Done
+        return out
+
+
+def _shuffle_groups(perm: list[int]) -> int | None:
+    """The g for which ``perm`` is a channel shuffle of g groups, or None."""
+    c = len(perm)
+    for g in range(2, c):
+        if c % g == 0 and all(perm[j] == (j % g) * (c // g) + j // g for j in range(c)):
+            return g
+    return None
+
+
+def _as_shuffle(first: int, x: torch.Tensor, y_probe: torch.Tensor, y_real: torch.Tensor | None) -> ChannelShuffle | None:
+    idx = y_probe.transpose(0, 1).reshape(y_probe.shape[1], -1)
+    if not torch.all(idx == idx[:, :1]):
+        return None  # something other than data movement ran between the two reshapes
+    perm = [int(v) for v in idx[:, 0]]
+    if sorted(perm) != list(range(x.shape[1])) or y_real is None or not torch.equal(y_real, x[:, perm]):
+        return None
+    g = _shuffle_groups(perm)
+    return ChannelShuffle(first, g, tuple(perm)) if g else None
+
+
+def find_channel_shuffles(model: nn.Module, example_input: torch.Tensor,
+                          calls: list[ReshapeCall]) -> list[ChannelShuffle]:
+    """The channel shuffles among ``calls`` (see ChannelShuffle): two probing forwards."""
+    pairs = {k: k + 1 for k in range(len(calls) - 1)
+             if calls[k].module == calls[k + 1].module and calls[k].before == calls[k + 1].after
+             and len(calls[k].before) >= 3}
+    if not pairs:
+        return []
+    with torch.no_grad():
+        real = _RealTensors(pairs)
+        with real:
+            model(example_input)
+        probe = _Probe(pairs)
+        try:
+            with probe:
+                model(example_input)
+        except _Done:
+            pass
+    found = (_as_shuffle(k, real.ins[k], probe.read[k], real.outs.get(k + 1)) for k in pairs
+             if k in probe.read and k in real.ins)
+    return [s for s in found if s is not None]
+
+
+class _RealTensors(TorchFunctionMode):
+    """The real input of each pair's first channel reshape and output of its second."""
+
+    def __init__(self, pairs: dict[int, int]) -> None:
+        super().__init__()
+        self.pairs, self.k = pairs, 0
+        self.ins: dict[int, torch.Tensor] = {}
+        self.outs: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RESHAPES and _is_channel_reshape(func, args, out):
+            if self.k in self.pairs:
+                self.ins[self.k] = args[0].detach().clone()
+            if self.k in self.pairs.values():
+                self.outs[self.k] = out.detach().clone()
+            self.k += 1
+        return out
 
 
 @contextlib.contextmanager

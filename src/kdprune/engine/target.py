@@ -14,7 +14,8 @@ from kdprune.engine.allocate import Allocation, PruningPlan, Uniform, plan_pruni
 from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, LatencyCheck,
                                    LatencyError, Refine, Target, fit_budget)
 from kdprune.engine.describe import coverage_summary, describe
-from kdprune.engine.graph import ChannelGroup, channel_groups
+from kdprune.engine.graph import ChannelGroup
+from kdprune.engine.links import channel_groups
 from kdprune.engine.importance import L1, Criterion, importance_scores
 from kdprune.engine.prune import apply_plan
 from kdprune.engine.widths import (FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy, measured_widths,
@@ -56,7 +57,10 @@ class PruneReport:
 def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
                round_to: int) -> tuple[int, ...] | None:
     """``removed`` plus the lowest-score kept channels that take the group one ``round_to``
-    multiple narrower, or None if no narrower legal width exists."""
+    multiple narrower (whole tie classes, the lowest summed score first, where ties bind channels),
+    or None if no narrower legal width exists."""
+    if group.ties:
+        return _step_down_tied(group, scores, removed, min_width, round_to)
     width = group.channels - len(removed)
     new = (width - 1) // round_to * round_to
     if new < max(min_width, 1, round_to):
@@ -64,6 +68,20 @@ def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ..
     kept = [i for i in range(group.channels) if i not in set(removed)]
     order = sorted(kept, key=lambda i: (float(scores[i]), i))
     return tuple(sorted(set(removed) | set(order[: width - new])))
+
+
+def _step_down_tied(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
+                    round_to: int) -> tuple[int, ...] | None:
+    gone = set(removed)
+    kept = sorted((c for c in group.ties if not gone & set(c)), key=lambda c: (float(scores[list(c)].sum()), c))
+    for k in range(1, len(kept)):  # the fewest classes that land on a multiple of round_to
+        out = gone.union(*kept[:k])
+        width = group.channels - len(out)
+        if width < max(min_width, 1):
+            return None
+        if width % round_to == 0:
+            return tuple(sorted(out))
+    return None
 
 
 class _MixedRounding:
@@ -152,7 +170,9 @@ def _fit(model: nn.Module, example_input: torch.Tensor, target: Target, groups: 
     else:
         def propose(r: float) -> PruningPlan:
             return plan_pruning(groups, all_scores, r, mode, min_width, round_to)
-        neighbours = _MixedRounding(groups, all_scores, min_width, round_to) if round_to else None
+        # tie classes (grouped convs, shuffles) make widths move in coarse steps, as round_to does
+        coarse = round_to or (1 if any(g.ties for g in groups) else None)
+        neighbours = _MixedRounding(groups, all_scores, min_width, coarse) if coarse else None
         rule = f", round_to={round_to}" if round_to else ""
     return fit_budget(
         model, example_input, target, propose, neighbours,

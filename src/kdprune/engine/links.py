@@ -1,0 +1,320 @@
+"""Channel groups, with DepGraph groups linked where a construct couples them in a way DepGraph
+cannot express (Fang et al. 2023 couple channels one-to-one; these are not):
+
+- a **channel shuffle** (``view -> transpose -> reshape``, see ``engine.reshape``): the groups on
+  its two sides are one group whose channels are matched through the shuffle's permutation; the
+  same in-block position goes from every shuffle block, so the pruned shuffle still shuffles;
+- a **channel multiplier** (a conv with ``groups == in_channels`` and ``out = k * in``): dropping
+  input channel i drops its whole conv group, so the group of its inputs and the group of its
+  outputs are one, each input channel tied to its k output channels (``groups`` shrinks);
+- a **grouped conv reading several DepGraph groups** (e.g. the concat of a pooled shortcut and a
+  branch, read by a grouped 1x1): the groups are one, so that every conv group loses the same
+  in-group positions.
+
+A linked group is one ``ChannelGroup`` with ``parts``: the DepGraph groups it is made of, each
+with the group channel of each of its root channels (many to one for a multiplier). Plans,
+importance, masks and budgets work on it as on any group; ``apply_plan`` removes each part.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+
+from kdprune.engine.graph import (
+    _UNPRUNABLE, RESHAPE_ROOT, ChannelGroup, Member, Part, _gconv_period, _member_name, _members, _sites,
+    build_graph, classifier_layers, invalid_member, resolve_layers,
+)
+
+__all__ = ["channel_groups", "group_table", "GroupStatus", "is_multiplier", "link_ties"]
+
+
+def is_multiplier(module: nn.Module) -> bool:
+    """A conv whose every input channel is its own conv group and that widens (``out = k * in``,
+    k > 1): a depthwise conv with a channel multiplier."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and module.groups == module.in_channels and module.out_channels % module.in_channels == 0
+            and module.out_channels > module.in_channels)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """One DepGraph group: its root, members, sites and why it is excluded (ignored/classifier)."""
+
+    root: str
+    order: int
+    members: tuple[Member, ...]
+    sites: tuple[str, ...]
+    excluded: str | None
+
+    width: int  # the root's channels (a shuffle-output part may hold only some of them)
+
+    @property
+    def ids(self) -> list[int]:
+        """The root channels in this group."""
+        return sorted(set(self.members[0].root_idxs))
+
+    def member(self, name: str, role: str) -> Member | None:
+        return next((m for m in self.members if m.name == name and m.role == role), None)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """A (possibly linked) group and why it cannot be pruned (None: it can)."""
+
+    group: ChannelGroup
+    blocker: str | None
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _raw_groups(model: nn.Module, dg: tp.DependencyGraph, excluded: dict[nn.Module, tuple[str, str]],
+                root_types: tuple[type, ...]) -> list[_Raw]:
+    """DepGraph's groups in module order; ``excluded``: module -> (name, why it is never pruned)."""
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    out = []
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=root_types):
+        members = _members(dg, group)
+        root = group[0].dep.target.module
+        why = None
+        for item in group.items:
+            mod = item.dep.target.module
+            if dg.is_out_channel_pruning_fn(item.dep.handler) and mod in excluded:
+                name, reason = excluded[mod]
+                why = reason if mod is root else f"coupled to {name} ({reason})"
+                break
+        out.append(_Raw(dg._module2name[root], order.get(root, len(order)), members,
+                        _sites(dg, model, members), why, len(members[0].idxs)))
+    out += _shuffle_outputs(model, dg, out, len(order))
+    return sorted(out, key=lambda r: r.order)
+
+
+def _shuffle_outputs(model: nn.Module, dg: tp.DependencyGraph, found: Sequence[_Raw], last: int) -> list[_Raw]:
+    """Groups rooted at a shuffle's output where no layer's output group reaches it (the shuffle
+    feeds a plain conv or a split directly), so that the shuffle can link it."""
+    out = []
+    for _, r_name, shuffle in getattr(dg, "kdprune_shuffles", ()):
+        c = len(shuffle.perm)
+        free = sorted(set(range(c)) - set(_channel_owners(found, r_name, "out")))
+        if not free:
+            continue
+        stand_in = dg.kdprune_stand_ins[shuffle.first + 1]
+        group = dg.get_pruning_group(stand_in, dg.get_pruner_of_module(stand_in).prune_out_channels, free)
+        members = _members(dg, group)
+        out.append(_Raw(f"{RESHAPE_ROOT}{shuffle.first + 1}", last + shuffle.first, members,
+                        _sites(dg, model, members), None, c))
+    return out
+
+
+def _locate(raws: Sequence[_Raw], name: str, role: str) -> list[tuple[int, Member]]:
+    return [(i, m) for i, r in enumerate(raws) for m in r.members if m.name == name and m.role == role]
+
+
+def _channel_owners(raws: Sequence[_Raw], name: str, role: str) -> dict[int, tuple[int, int]]:
+    """Layer channel -> (group index, root channel) over every group holding ``name`` on ``role``."""
+    return {l: (g, r) for g, m in _locate(raws, name, role) for l, r in zip(m.idxs, m.root_idxs)}
+
+
+def _even_splits(dg: tp.DependencyGraph, stand_in: nn.Module, c: int) -> list[tuple[str, int]]:
+    """(member name, chunk size) of each equal channel split fed straight by this shuffle output."""
+    found = []
+    for node in dg.module2node[stand_in].outputs:
+        offsets = getattr(node.module, "offsets", None) if node.type == ops.OPTYPE.SPLIT else None
+        if offsets and offsets[0] == 0 and offsets[-1] == c and len(offsets) > 2:
+            sizes = {b - a for a, b in zip(offsets, offsets[1:])}
+            if len(sizes) == 1:
+                found.append((_member_name(dg, node), sizes.pop()))
+    return found
+
+
+def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph, shuffles: Iterable) -> tuple[_UnionFind, _UnionFind, list, set]:
+    """Channel unions (group index, root channel), group unions, shuffle tie sets, resolved names."""
+    chans, comps, shuffle_ties, resolved = _UnionFind(), _UnionFind(), [], set()
+    for v_name, r_name, shuffle in shuffles:
+        v_in, r_out = _channel_owners(raws, v_name, "in"), _channel_owners(raws, r_name, "out")
+        c = len(shuffle.perm)
+        if len(v_in) != c or len(r_out) != c:
+            continue  # a side DepGraph did not trace whole: the shuffle stays a barrier
+        for j, src in enumerate(shuffle.perm):
+            chans.union(v_in[src], r_out[j])
+        per = c // shuffle.groups
+        shuffle_ties += [[v_in[q * per + p] for q in range(shuffle.groups)] for p in range(per)]
+        for g, _ in list(v_in.values()) + list(r_out.values()):
+            comps.union(g, v_in[0][0])
+        resolved |= {v_name, r_name}
+        for name, chunk in _even_splits(dg, dg.kdprune_stand_ins[shuffle.first + 1], c):
+            # x.chunk(n) after the shuffle splits the pruned width evenly: the same position goes
+            # from every chunk, so the chunks stay equal
+            shuffle_ties += [[r_out[j + k * chunk] for k in range(c // chunk)] for j in range(chunk)]
+            resolved.add(name)
+    for name, mod in model.named_modules():
+        if not is_multiplier(mod):
+            continue
+        a, b = _channel_owners(raws, name, "in"), _channel_owners(raws, name, "out")
+        if len(a) != mod.in_channels or len(b) != mod.out_channels:
+            continue
+        k = mod.out_channels // mod.in_channels
+        for l, owner in b.items():
+            chans.union(owner, a[l // k])
+            comps.union(owner[0], a[l // k][0])
+    for i, r in enumerate(raws):  # a grouped conv reading several groups joins them
+        for m in r.members:
+            if m.kind == "gconv" and m.role == "in" and not is_multiplier(model.get_submodule(m.name)):
+                for j, _ in _locate(raws, m.name, "in"):
+                    comps.union(i, j)
+    return chans, comps, shuffle_ties, resolved
+
+
+def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:
+    """One member per (name, role): a layer seen by several linked parts gets all its channels."""
+    merged: dict[tuple[str, str], list] = {}
+    for m in members:
+        cur = merged.setdefault((m.name, m.role), [m.kind, {}])
+        cur[1].update(zip(m.idxs, m.root_idxs))
+    return tuple(Member(name, kind, role, tuple(sorted(local)), tuple(local[i] for i in sorted(local)))
+                 for (name, role), (kind, local) in merged.items())
+
+
+def link_ties(model: nn.Module, members: Sequence[Member], extra: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], ...]:
+    """Tie classes over a group's channels (grouped convs other than multipliers: the same in-group
+    position from every conv group; ``extra``: sets that must go together, e.g. a shuffle's); ()
+    when nothing is tied. Classes may differ in size. ValueError when they cannot be honoured."""
+    uf, any_tie = _UnionFind(), bool(extra)
+    for tie in extra:
+        for r in tie[1:]:
+            uf.union(r, tie[0])
+    for m in members:
+        if m.kind != "gconv" or not m.idxs or is_multiplier(model.get_submodule(m.name)):
+            continue
+        width, per = _gconv_period(model, m)
+        local = dict(zip(m.idxs, m.root_idxs))
+        if len(local) != width:
+            raise ValueError(f"grouped conv {m.name} reads channels of several channel groups "
+                             f"({len(local)} of its {width} {m.role}put channels are in this one)")
+        any_tie = True
+        for l, r in local.items():
+            uf.union(r, local[l % per])
+    if not any_tie:
+        return ()
+    classes: dict[int, list[int]] = {}
+    for r in sorted({r for m in members for r in m.root_idxs}):
+        classes.setdefault(uf.find(r), []).append(r)
+    out = tuple(tuple(c) for c in classes.values())
+    if len(out) == 1:
+        raise ValueError(f"grouped convs tie all {len(out[0])} channels of the group together")
+    return out
+
+
+def _split_members(members: Iterable[Member]) -> tuple[Member, ...]:
+    """_merge_members, refusing a layer channel that two parts map to different group channels."""
+    members = list(members)
+    seen: dict[tuple[str, str, int], int] = {}
+    for m in members:
+        for i, r in zip(m.idxs, m.root_idxs):
+            if seen.setdefault((m.name, m.role, i), r) != r:
+                raise ValueError(f"linked groups map channel {i} of {m.name} twice")
+    return _merge_members(members)
+
+
+def _blocker(model: nn.Module, parts: Sequence[_Raw], members: Sequence[Member], extra: list,
+             shuffled: bool) -> str | None:
+    """Why a (linked) group cannot be pruned, or None."""
+    for p in parts:
+        if p.excluded:
+            return p.excluded if len(parts) == 1 else f"linked to the group of {p.root}, {p.excluded}"
+    for m in members:
+        if m.kind in _UNPRUNABLE:
+            return _UNPRUNABLE[m.kind].format(name=m.name)
+        if m.kind == "split" and shuffled:
+            # a split not fed straight by the shuffle: its sizes cannot be kept consistent
+            return f"a channel split ({m.name}) is linked to a channel shuffle but not fed by it"
+    bad = invalid_member(model, members)
+    if bad is not None:
+        return f"{bad}; an unsupported channel op breaks the index mapping"
+    try:
+        link_ties(model, members, extra)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], chans: _UnionFind,
+              shuffle_ties: list, resolved: set) -> GroupStatus:
+    """The group made of the DepGraph groups ``idxs`` (one, or several linked)."""
+    cls: dict = {}
+    gmap: dict[int, list[int]] = {}
+    for gi in idxs:  # group channels numbered in module order: the first part keeps its numbering
+        gmap[gi] = {r: cls.setdefault(chans.find((gi, r)), len(cls)) for r in raws[gi].ids}
+    parts = [raws[g] for g in idxs]
+    shuffled = any(m.name in resolved for p in parts for m in p.members)
+    extra = [[gmap[g][r] for g, r in tie] for tie in shuffle_ties if tie[0][0] in gmap]
+    try:
+        members = _split_members(
+            Member(m.name, m.kind, m.role, m.idxs, tuple(gmap[gi][r] for r in m.root_idxs))
+            for gi in idxs for m in raws[gi].members if m.name not in resolved)
+        why = _blocker(model, parts, members, extra, shuffled)
+    except ValueError as e:
+        members, why = tuple(m for p in parts for m in p.members), str(e)
+    identity = len(idxs) == 1 and all(r == c for r, c in gmap[idxs[0]].items())
+    group = ChannelGroup(
+        index=-1, root=parts[0].root, dim="out", channels=len(cls), members=members,
+        sites=tuple(sorted({s for p in parts for s in p.sites})),
+        ties=() if why else link_ties(model, members, extra),
+        parts=() if identity else tuple(Part(raws[g].root, tuple(gmap[g].get(i, -1) for i in range(raws[g].width)))
+                                        for g in idxs))
+    return GroupStatus(group, why)
+
+
+def group_table(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module | str] = (),
+                dg: tp.DependencyGraph | None = None,
+                root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)) -> list[GroupStatus]:
+    """Every channel group (DepGraph, Fang et al. 2023, linked where a shuffle, a channel
+    multiplier or a grouped conv couples several), in module order, with why it stays whole."""
+    dg = dg or build_graph(model, example_input)
+    excluded = {m: "ignored by the caller" for m in resolve_layers(model, ignored_layers)}
+    excluded.update({m: "classifier output" for m in classifier_layers(model, dg)})
+    names = {m: n for n, m in model.named_modules()}
+    raws = _raw_groups(model, dg, {m: (names.get(m, "?"), why) for m, why in excluded.items()}, root_types)
+    chans, comps, shuffle_ties, resolved = _link(raws, model, dg, getattr(dg, "kdprune_shuffles", ()))
+    comp_of: dict[int, list[int]] = {}
+    for i in range(len(raws)):
+        comp_of.setdefault(comps.find(i), []).append(i)
+    return [_compound(model, raws, idxs, chans, shuffle_ties, resolved) for idxs in sorted(comp_of.values(), key=min)]
+
+
+def channel_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ignored_layers: Sequence[nn.Module | str] = (),
+    dg: tp.DependencyGraph | None = None,
+    root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear),
+) -> list[ChannelGroup]:
+    """Prunable output-channel groups of ``model`` (DepGraph, Fang et al. 2023, linked across
+    shuffles, channel multipliers and grouped convs), excluding the classifier output, groups
+    touching ``ignored_layers`` or channel barriers, and groups whose ties cannot be honoured."""
+    found = []
+    for status in group_table(model, example_input, ignored_layers, dg, root_types):
+        g = status.group
+        if status.blocker is None:
+            found.append(replace(g, index=len(found)))
+        elif not any(m.kind in _UNPRUNABLE for m in g.members) and invalid_member(model, g.members):
+            warnings.warn(f"kdprune: the channel group of {g.root!r} is left unpruned: {status.blocker}", stacklevel=2)
+    return found
