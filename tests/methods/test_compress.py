@@ -71,3 +71,17 @@ def test_bad_recipe_and_target(toy_data):
         kp.compress(_net(), kp.recipes.L1Finetune(target_flops=1.5), train, val)
     with pytest.raises(ValueError, match="exactly one"):
         kp.compress(_net(), kp.recipes.L1Finetune(), train, val)
+
+
+def test_control_is_the_dense_model_trained_the_same_epochs(toy_data, tmp_path):
+    train, val = toy_data
+    recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=FT)
+    res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path, latency=False, control_epochs=2, factory=TinyNet32)
+    control = res.report["control"]
+    assert control["epochs"] == 2 and control["params"] == res.report["before"]["params"]
+    torch.manual_seed(0)  # the same run by hand: the dense model, the fine-tune's settings, 2 epochs
+    ref = kp.train(_net(), train, val, FT).model
+    assert control["top1"] == kp.training.evaluate(ref, val)["top1"]
+    assert "| dense + 2 epoch(s) |" in res.markdown()
+    with pytest.raises(ValueError, match="control_epochs"):
+        kp.compress(_net(), recipe, train, val, latency=False, control_epochs=0)

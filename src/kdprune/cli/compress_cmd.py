@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     add_data_args(p)
     add_train_args(p, per_method=True)
     p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
+    p.add_argument("--control", type=int, metavar="EPOCHS",
+                   help="also fine-tune the dense model EPOCHS epochs (the fine-tune's settings) and report it: "
+                        "the dense + same-epochs control row")
     p.add_argument("--out", required=True, help="output directory (new or empty, or the same run with --resume)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted compression in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the kdprune run already in --out")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)
     data, train, val = load_source_data(src, args, seed=recipe.finetune.seed)
     res = kp.compress(model, recipe, train, val, out_dir=out, resume=args.resume,
-                      progress=recipe.finetune.progress, latency=not args.no_latency)
+                      progress=recipe.finetune.progress, latency=not args.no_latency, control_epochs=args.control)
     if is_main_process():  # so `kdprune eval OUT` finds the same data
         write_json(out / "config.json", {"run": data, "source": str(src), "recipe": res.report["recipe"]})
     print(res.markdown())

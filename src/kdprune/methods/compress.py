@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +14,7 @@ from kdprune.io import save_pruned
 from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import Backend, available_backends, compare_backends, complexity, format_markdown, layer_widths
-from kdprune.training import evaluate
+from kdprune.training import evaluate, train
 from kdprune.training.config_io import to_tagged_dict
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import run_metadata, write_json
@@ -82,8 +82,11 @@ def compress(
     progress: bool = True,
     latency: bool = True,
     factory: Callable[[], nn.Module] | None = None,
+    control_epochs: int | None = None,
 ) -> CompressResult:
-    """Compress a copy of `model` with `recipe` (a kdprune.recipes dataclass); the input is untouched."""
+    """Compress a copy of `model` with `recipe` (a kdprune.recipes dataclass); the input is untouched.
+    ``control_epochs``: also fine-tune the dense model that long (the recipe's fine-tune settings,
+    plain cross-entropy) and report it, the control that tells pruning's cost from training's."""
     start = time.perf_counter()
     x = example_input if example_input is not None else infer_example_input(train)
     dense = copy.deepcopy(model).eval()
@@ -96,6 +99,8 @@ def compress(
     report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, val, x),
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
               "method": info, "wall_time_s": time.perf_counter() - start}
+    if control_epochs is not None:
+        report["control"] = _control(recipe, ctx, control_epochs)
     if latency:
         report.update(_latency(dense, pruned, x))
     report["meta"] = run_metadata()
@@ -104,6 +109,16 @@ def compress(
         for name, m in extras.items():
             save_pruned(m, out / name, factory=factory)
     return CompressResult(pruned, report, out, extras)
+
+
+def _control(recipe: Any, ctx: CompressContext, epochs: int) -> dict[str, Any]:
+    """The dense model fine-tuned ``epochs`` epochs with the recipe's fine-tune settings (resumable)."""
+    if epochs < 1:
+        raise ValueError(f"control_epochs must be >= 1, got {epochs}")
+    cfg = ctx.with_progress(replace(recipe.finetune, epochs=epochs), "control")
+    res = train(copy.deepcopy(ctx.dense), ctx.train, ctx.val, cfg, out_dir=ctx.stage_dir("control"),
+                resume=ctx.resumable("control"), save_model=False)
+    return {**measure(res.model.eval(), ctx.val, ctx.example_input), "epochs": epochs}
 
 
 def _recipe_record(recipe: Any) -> dict[str, Any]:
@@ -121,10 +136,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     """Before/after table: accuracy, params, FLOPs, latency (eager, onnxruntime when measured); the
     speed-ups, a latency target's check; then per-layer widths that changed."""
     rows = []
-    for stage in ("before", "after"):
+    stages = ("before", "control", "after") if "control" in report else ("before", "after")
+    for stage in stages:
         r = dict(report[stage], stage=stage)
+        if stage == "control":  # the dense architecture: the dense model's latency
+            r["stage"] = f"dense + {report['control']['epochs']} epoch(s)"
         for key, tag in (("latency_ms", "lat"), ("latency_onnxruntime_ms", "ort")):
-            lat = report.get(key, {}).get(stage, {})
+            lat = report.get(key, {}).get("before" if stage == "control" else stage, {})
             r.update({f"{tag}_bs{bs}_ms": v["median_ms"] for bs, v in lat.items()})
         rows.append(r)
     cols = {"stage": "", "top1": "top-1 %", "params": "params", "macs": "MACs",
