@@ -21,7 +21,7 @@ class RunConfig:
     data_root: str | None = None
     train_subset: int | None = None
     val_subset: int | None = None
-    # Training images held out (stratified, seeded by train.seed) as the validation set that every
+    # Training images held out (stratified, kdprune.data.SPLIT_SEED) as the validation set that every
     # per-epoch score uses; the data set's own test split is then only reported at the end.
     val_split: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -44,8 +44,8 @@ def add_data_args(p: argparse.ArgumentParser, val_split: bool = False) -> None:
     g.add_argument("--val-subset", type=int, help="use only N (seeded) validation images")
     if val_split:
         g.add_argument("--val-split", type=int, metavar="N",
-                       help="hold out N training images (stratified, seeded by --seed) as the validation set "
-                            "scored every epoch; the test split is only reported at the end (test_metrics.json)")
+                       help="hold out N training images (stratified, always the same ones) as the validation "
+                            "set for every choice and per-epoch score; the test split is only reported")
 
 
 def add_train_args(p: argparse.ArgumentParser, per_method: bool = False) -> None:
@@ -178,18 +178,25 @@ def run_data_name(path: Path) -> tuple[str | None, str | None]:
     return run.get("data"), run.get("data_root")
 
 
-def load_source_data(path: Path, args: argparse.Namespace, seed: int = 0) -> tuple[dict[str, Any], Any, Any]:
-    """(data record, train, val): --data/--data-root, else what the run at `path` recorded; subset if asked."""
+def load_source_data(path: Path, args: argparse.Namespace, seed: int = 0) -> tuple[dict[str, Any], Any, Any, Any]:
+    """(data record, train, val, test): --data/--data-root, else what the run at `path` recorded;
+    subset if asked. With --val-split N the validation set is N training images held out (seeded)
+    and the test split is returned apart (reported only); otherwise test is None and val is the
+    set's own split."""
     import kdprune as kp
 
     rec_name, rec_root = run_data_name(path)
     name, root = args.data or rec_name or "fashion-mnist", args.data_root or rec_root
     train, val = kp.data.load(name, **({"root": root} if root else {}))
+    test, split = None, getattr(args, "val_split", None)
+    if split:
+        train, held = train.split(split, seed=kp.data.SPLIT_SEED)
+        val, test = held, val
     if args.train_subset:
         train = train.subset(args.train_subset, seed=seed)
     if args.val_subset:
         val = val.subset(args.val_subset, seed=seed)
-    return {"data": name, "data_root": root}, train, val
+    return {"data": name, "data_root": root, **({"val_split": split} if split else {})}, train, val, test
 
 
 RUN_MARKER = "kdprune-run.json"

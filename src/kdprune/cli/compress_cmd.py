@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML: {method: NAME, recipe: {fields of the recipe}}; merged field by "
                                     "field over the method's own defaults")
     add_recipe_args(p)
-    add_data_args(p)
+    add_data_args(p, val_split=True)
     add_train_args(p, per_method=True)
     p.add_argument("--no-latency", action="store_true", help="skip the before/after latency measurement")
     p.add_argument("--control", type=int, metavar="EPOCHS",
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     src, out = source_path(args.source), Path(args.out)
     model = kp.load_pruned(model_dir(src))
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)
-    data, train, val = load_source_data(src, args, seed=recipe.finetune.seed)
+    data, train, val, test = load_source_data(src, args, seed=recipe.finetune.seed)
     res = kp.compress(model, recipe, train, val, out_dir=out, resume=args.resume,
-                      progress=recipe.finetune.progress, latency=not args.no_latency, control_epochs=args.control)
+                      progress=recipe.finetune.progress, latency=not args.no_latency, control_epochs=args.control, test=test)
     if is_main_process():  # so `kdprune eval OUT` finds the same data
         write_json(out / "config.json", {"run": data, "source": str(src), "recipe": res.report["recipe"]})
     print(res.markdown())

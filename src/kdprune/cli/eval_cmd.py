@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = source_path(args.path)
     model = kp.load_pruned(model_dir(path))
-    data, _, val = load_source_data(path, args)
+    data, _, val, _ = load_source_data(path, args)
     report = {"model": str(path), "data": data["data"], **kp.evaluate(model, val, batch_size=args.batch_size)}
     report.update(kp.complexity(model, input_size=(1, *val.images.shape[1:])).as_dict())
     if args.latency or args.backend:

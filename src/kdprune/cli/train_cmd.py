@@ -36,7 +36,7 @@ def load_run_data(cfg: RunConfig):
     train, val = kp.data.load(cfg.data, **kwargs)
     test = None
     if cfg.val_split:
-        train, held = train.split(cfg.val_split, seed=cfg.train.seed)
+        train, held = train.split(cfg.val_split, seed=kp.data.SPLIT_SEED)
         val, test = held, val
     if cfg.train_subset:
         train = train.subset(cfg.train_subset, seed=cfg.train.seed)

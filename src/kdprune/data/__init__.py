@@ -1,5 +1,5 @@
 """Data layer: IDX / CIFAR / ImageFolder readers, in-memory ImageDataset, deterministic loaders."""
-from .catalog import DATASETS, Splits, list_datasets, load, load_splits
+from .catalog import DATASETS, SPLIT_SEED, Splits, list_datasets, load, load_splits
 from .datasets import ImageDataset
 from .errors import DatasetError
 from .idx import read_idx
@@ -18,6 +18,7 @@ __all__ = [
     "list_datasets",
     "load",
     "load_splits",
+    "SPLIT_SEED",
     "read_idx",
     "Splits",
 ]

@@ -178,7 +178,13 @@ class Splits(NamedTuple):
     test: ImageDataset
 
 
-def load_splits(name: str, val: int = 5000, seed: int = 0, root: str | Path | None = None, **kw) -> Splits:
+#: The seed of every validation split carved from a training set (train and compress --val-split,
+#: load_splits' default): the same images are held out everywhere, so a base trained without
+#: them (the shipped option-B base) never saw the images a later compression chooses on.
+SPLIT_SEED = 0
+
+
+def load_splits(name: str, val: int = 5000, seed: int = SPLIT_SEED, root: str | Path | None = None, **kw) -> Splits:
     """Train/validation/test: ``val`` training images held out (stratified, seeded) for every
     choice a run makes; the set's own test split is only for reporting."""
     train, test = load(name, root=root, **kw)

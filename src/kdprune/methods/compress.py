@@ -83,24 +83,29 @@ def compress(
     latency: bool = True,
     factory: Callable[[], nn.Module] | None = None,
     control_epochs: int | None = None,
+    test: Any = None,
 ) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a kdprune.recipes dataclass); the input is untouched.
     ``control_epochs``: also fine-tune the dense model that long (the recipe's fine-tune settings,
-    plain cross-entropy) and report it, the control that tells pruning's cost from training's."""
+    plain cross-entropy) and report it, the control that tells pruning's cost from training's.
+    ``test``: a held-apart set the report scores on (``val`` is then only for the run's choices and
+    per-epoch scores, e.g. a split carved from the training set)."""
     start = time.perf_counter()
     x = example_input if example_input is not None else infer_example_input(train)
+    scored = test if test is not None else val
     dense = copy.deepcopy(model).eval()
-    before = measure(dense, val, x)
+    before = measure(dense, scored, x)
     out = Path(out_dir) if out_dir is not None else None
     ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
     pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
     extras = info.pop(EXTRA_MODELS, {})
     pruned.eval()
-    report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, val, x),
+    report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, scored, x),
+              "scored_on": "test" if test is not None else "val",
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
               "method": info, "wall_time_s": time.perf_counter() - start}
     if control_epochs is not None:
-        report["control"] = _control(recipe, ctx, control_epochs)
+        report["control"] = _control(recipe, ctx, control_epochs, scored)
     if latency:
         report.update(_latency(dense, pruned, x))
     report["meta"] = run_metadata()
@@ -111,14 +116,14 @@ def compress(
     return CompressResult(pruned, report, out, extras)
 
 
-def _control(recipe: Any, ctx: CompressContext, epochs: int) -> dict[str, Any]:
+def _control(recipe: Any, ctx: CompressContext, epochs: int, scored: Any) -> dict[str, Any]:
     """The dense model fine-tuned ``epochs`` epochs with the recipe's fine-tune settings (resumable)."""
     if epochs < 1:
         raise ValueError(f"control_epochs must be >= 1, got {epochs}")
     cfg = ctx.with_progress(replace(recipe.finetune, epochs=epochs), "control")
     res = train(copy.deepcopy(ctx.dense), ctx.train, ctx.val, cfg, out_dir=ctx.stage_dir("control"),
                 resume=ctx.resumable("control"), save_model=False)
-    return {**measure(res.model.eval(), ctx.val, ctx.example_input), "epochs": epochs}
+    return {**measure(res.model.eval(), scored, ctx.example_input), "epochs": epochs}
 
 
 def _recipe_record(recipe: Any) -> dict[str, Any]:
