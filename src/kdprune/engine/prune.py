@@ -94,8 +94,9 @@ def _check_ties(dg: tp.DependencyGraph, model: nn.Module, root: str, idxs: Seque
 def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], done: set | None) -> None:
     if edit.get("dim", "out") != "out":
         raise ValueError(f"prune_channels: only dim='out' is supported, got {edit.get('dim')!r}")
-    linked = edit.get("linked", ())
-    parts = [(edit["root"], [int(i) for i in edit["idxs"]])] + [(p["root"], [int(i) for i in p["idxs"]]) for p in linked]
+    linked = "linked" in edit  # a linked group's edit, even when only its first part loses channels
+    parts = [(edit["root"], [int(i) for i in edit["idxs"]])]
+    parts += [(p["root"], [int(i) for i in p["idxs"]]) for p in edit.get("linked", ())]
     groups = []
     for root, idxs in parts:  # check every part before pruning any
         module = stand_in_root(dg, root) or _root_module(model, root)
@@ -103,7 +104,7 @@ def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], d
         if idxs and not linked:
             _check_ties(dg, model, root, idxs)
         if idxs:
-            groups.append(_checked_group(dg, module, root, idxs, bool(linked)))
+            groups.append(_checked_group(dg, module, root, idxs, linked))
     for module, _, _ in groups:
         if done is not None and module in done:
             raise ValueError(f"prune_channels: group of {_member_name(dg, dg.module2node[module])!r} was already "
