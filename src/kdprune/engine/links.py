@@ -145,42 +145,60 @@ def _even_splits(dg: tp.DependencyGraph, stand_in: nn.Module, c: int) -> list[tu
     return found
 
 
-def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph, shuffles: Iterable) -> tuple[_UnionFind, _UnionFind, list, set]:
-    """Channel unions (group index, root channel), group unions, shuffle tie sets, resolved names."""
-    chans, comps, shuffle_ties, resolved = _UnionFind(), _UnionFind(), [], set()
-    for v_name, r_name, shuffle in shuffles:
-        v_in, r_out = _channel_owners(raws, v_name, "in"), _channel_owners(raws, r_name, "out")
-        c = len(shuffle.perm)
-        if len(v_in) != c or len(r_out) != c:
-            continue  # a side DepGraph did not trace whole: the shuffle stays a barrier
-        for j, src in enumerate(shuffle.perm):
-            chans.union(v_in[src], r_out[j])
-        per = c // shuffle.groups
-        shuffle_ties += [[v_in[q * per + p] for q in range(shuffle.groups)] for p in range(per)]
-        for g, _ in list(v_in.values()) + list(r_out.values()):
-            comps.union(g, v_in[0][0])
-        resolved |= {v_name, r_name}
-        for name, chunk in _even_splits(dg, dg.kdprune_stand_ins[shuffle.first + 1], c):
-            # x.chunk(n) after the shuffle splits the pruned width evenly: the same position goes
-            # from every chunk, so the chunks stay equal
-            shuffle_ties += [[r_out[j + k * chunk] for k in range(c // chunk)] for j in range(chunk)]
-            resolved.add(name)
+class _Links:
+    """What joins DepGraph groups: channel unions over (group index, root channel), group unions,
+    tie sets (channels that must go together) and the stand-ins/splits the links resolve."""
+
+    def __init__(self) -> None:
+        self.chans, self.comps, self.ties, self.resolved = _UnionFind(), _UnionFind(), [], set()
+
+
+def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph) -> _Links:
+    """Every link of the graph: shuffles, channel multipliers, grouped convs over several groups."""
+    links = _Links()
+    for v_name, r_name, shuffle in getattr(dg, "kdprune_shuffles", ()):
+        _link_shuffle(links, raws, dg, v_name, r_name, shuffle)
     for name, mod in model.named_modules():
-        if not is_multiplier(mod):
-            continue
-        a, b = _channel_owners(raws, name, "in"), _channel_owners(raws, name, "out")
-        if len(a) != mod.in_channels or len(b) != mod.out_channels:
-            continue
-        k = mod.out_channels // mod.in_channels
-        for l, owner in b.items():
-            chans.union(owner, a[l // k])
-            comps.union(owner[0], a[l // k][0])
+        if is_multiplier(mod):
+            _link_multiplier(links, raws, name, mod)
     for i, r in enumerate(raws):  # a grouped conv reading several groups joins them
         for m in r.members:
             if m.kind == "gconv" and m.role == "in" and not is_multiplier(model.get_submodule(m.name)):
                 for j, _ in _locate(raws, m.name, "in"):
-                    comps.union(i, j)
-    return chans, comps, shuffle_ties, resolved
+                    links.comps.union(i, j)
+    return links
+
+
+def _link_shuffle(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph, v_name: str, r_name: str,
+                  shuffle) -> None:
+    """Match the shuffle's input and output channels; tie each in-block position across blocks."""
+    v_in, r_out = _channel_owners(raws, v_name, "in"), _channel_owners(raws, r_name, "out")
+    c = len(shuffle.perm)
+    if len(v_in) != c or len(r_out) != c:
+        return  # a side DepGraph did not trace whole: the shuffle stays a barrier
+    for j, src in enumerate(shuffle.perm):
+        links.chans.union(v_in[src], r_out[j])
+    per = c // shuffle.groups
+    links.ties += [[v_in[q * per + p] for q in range(shuffle.groups)] for p in range(per)]
+    for g, _ in list(v_in.values()) + list(r_out.values()):
+        links.comps.union(g, v_in[0][0])
+    links.resolved |= {v_name, r_name}
+    for name, chunk in _even_splits(dg, dg.kdprune_stand_ins[shuffle.first + 1], c):
+        # x.chunk(n) after the shuffle splits the pruned width evenly: the same position goes from
+        # every chunk, so the chunks stay equal
+        links.ties += [[r_out[j + k * chunk] for k in range(c // chunk)] for j in range(chunk)]
+        links.resolved.add(name)
+
+
+def _link_multiplier(links: _Links, raws: Sequence[_Raw], name: str, mod: nn.Module) -> None:
+    """Input channel i of a channel multiplier owns output channels k*i .. k*i + k - 1."""
+    a, b = _channel_owners(raws, name, "in"), _channel_owners(raws, name, "out")
+    if len(a) != mod.in_channels or len(b) != mod.out_channels:
+        return
+    k = mod.out_channels // mod.in_channels
+    for l, owner in b.items():
+        links.chans.union(owner, a[l // k])
+        links.comps.union(owner[0], a[l // k][0])
 
 
 def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:
@@ -256,16 +274,16 @@ def _blocker(model: nn.Module, parts: Sequence[_Raw], members: Sequence[Member],
     return None
 
 
-def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], chans: _UnionFind,
-              shuffle_ties: list, resolved: set) -> GroupStatus:
+def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], links: _Links) -> GroupStatus:
     """The group made of the DepGraph groups ``idxs`` (one, or several linked)."""
     cls: dict = {}
     gmap: dict[int, list[int]] = {}
     for gi in idxs:  # group channels numbered in module order: the first part keeps its numbering
-        gmap[gi] = {r: cls.setdefault(chans.find((gi, r)), len(cls)) for r in raws[gi].ids}
+        gmap[gi] = {r: cls.setdefault(links.chans.find((gi, r)), len(cls)) for r in raws[gi].ids}
     parts = [raws[g] for g in idxs]
+    resolved = links.resolved
     shuffled = any(m.name in resolved for p in parts for m in p.members)
-    extra = [[gmap[g][r] for g, r in tie] for tie in shuffle_ties if tie[0][0] in gmap]
+    extra = [[gmap[g][r] for g, r in tie] for tie in links.ties if tie[0][0] in gmap]
     try:
         members = _split_members(
             Member(m.name, m.kind, m.role, m.idxs, tuple(gmap[gi][r] for r in m.root_idxs))
@@ -293,11 +311,11 @@ def group_table(model: nn.Module, example_input: torch.Tensor, ignored_layers: S
     excluded.update({m: "classifier output" for m in classifier_layers(model, dg)})
     names = {m: n for n, m in model.named_modules()}
     raws = _raw_groups(model, dg, {m: (names.get(m, "?"), why) for m, why in excluded.items()}, root_types)
-    chans, comps, shuffle_ties, resolved = _link(raws, model, dg, getattr(dg, "kdprune_shuffles", ()))
+    links = _link(raws, model, dg)
     comp_of: dict[int, list[int]] = {}
     for i in range(len(raws)):
-        comp_of.setdefault(comps.find(i), []).append(i)
-    return [_compound(model, raws, idxs, chans, shuffle_ties, resolved) for idxs in sorted(comp_of.values(), key=min)]
+        comp_of.setdefault(links.comps.find(i), []).append(i)
+    return [_compound(model, raws, idxs, links) for idxs in sorted(comp_of.values(), key=min)]
 
 
 def channel_groups(
