@@ -61,7 +61,8 @@ from kdprune.engine.target import PruneReport, Target, prune_to_target
 
 __all__ = [
     "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width",
-    "BARRIER_ATTR", "ChannelGroup", "Member", "build_graph", "channel_groups", "classifier_layers",
+    "BARRIER_ATTR", "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
+    "classifier_layers",
     "find_barriers", "tp_group", "barrier_pruners", "TRACE_TIMEOUT_S", "TraceTimeout",
     "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",
     "LayerCoverage", "coverage_summary", "describe",

@@ -9,7 +9,6 @@ import contextlib
 import math
 import signal
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
