@@ -20,7 +20,8 @@ X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def cbr(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    conv = nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class ShuffleNet(nn.Module):
@@ -71,7 +72,8 @@ def test_a_shuffle_links_both_sides_into_one_group_with_block_ties():
     assert sorted(grp.ties) == [(p, 4 + p, 8 + p) for p in range(4)]  # the same position of every block
 
 
-@pytest.mark.parametrize("make", [lambda: ShuffleNet(2), lambda: ShuffleNet(3), MultiplierNet], ids=["g2", "g3", "mult"])
+@pytest.mark.parametrize("make", [lambda: ShuffleNet(2), lambda: ShuffleNet(3), MultiplierNet],
+                         ids=["g2", "g3", "mult"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pruned_equals_masked(make, seed):
     model = _model(make)

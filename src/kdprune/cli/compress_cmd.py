@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from kdprune.cli.common import add_data_args, add_train_args, merge_train_flags, prepare_out
-from kdprune.cli.recipe_flags import RUN_WIDE, add_recipe_args, apply_recipe_flags, defaults_epilog, methods, recipe_fields
+from kdprune.cli.recipe_flags import (RUN_WIDE, add_recipe_args, apply_recipe_flags, defaults_epilog, methods,
+                                     recipe_fields)
 from kdprune.training.config_io import from_dict, load_yaml, merge_tagged, to_tagged_dict
 
 __all__ = ["add_parser", "build_recipe", "methods", "run"]
@@ -21,7 +22,8 @@ def add_parser(sub) -> None:
                                    "metrics.jsonl, checkpoint.pt) into --out; --resume continues.",
                        epilog=defaults_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(methods()), help="recipe (default l1)")
-    p.add_argument("--from", dest="source", required=True, help="run directory, saved model folder, or pretrained:NAME (a shipped base: `kdprune info --list`)")
+    p.add_argument("--from", dest="source", required=True,
+                   help="run directory, saved model folder, or pretrained:NAME (a shipped base: `kdprune info --list`)")
     p.add_argument("--config", help="YAML: {method: NAME, recipe: {fields of the recipe}}; merged field by "
                                     "field over the method's own defaults")
     add_recipe_args(p)
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)
     data, train, val, test = load_source_data(src, args, seed=recipe.finetune.seed)
     res = kp.compress(model, recipe, train, val, out_dir=out, resume=args.resume,
-                      progress=recipe.finetune.progress, latency=not args.no_latency, control_epochs=args.control, test=test)
+                      progress=recipe.finetune.progress, latency=not args.no_latency,
+                      control_epochs=args.control, test=test)
     if is_main_process():  # so `kdprune eval OUT` finds the same data
         write_json(out / "config.json", {"run": data, "source": str(src), "recipe": res.report["recipe"]})
     print(res.markdown())

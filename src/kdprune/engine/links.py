@@ -211,7 +211,8 @@ def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:
                  for (name, role), (kind, local) in merged.items())
 
 
-def link_ties(model: nn.Module, members: Sequence[Member], extra: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], ...]:
+def link_ties(model: nn.Module, members: Sequence[Member],
+              extra: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], ...]:
     """Tie classes over a group's channels (grouped convs other than multipliers: the same in-group
     position from every conv group; ``extra``: sets that must go together, e.g. a shuffle's); ()
     when nothing is tied. Classes may differ in size. ValueError when they cannot be honoured."""

@@ -152,7 +152,9 @@ def _shuffle_groups(perm: list[int]) -> int | None:
     return None
 
 
-def _as_shuffle(first: int, x: torch.Tensor, y_probe: torch.Tensor, y_real: torch.Tensor | None) -> ChannelShuffle | None:
+def _as_shuffle(first: int, x: torch.Tensor, y_probe: torch.Tensor,
+                y_real: torch.Tensor | None) -> ChannelShuffle | None:
+    """The shuffle a probed pair is, or None (not pure data movement, not a permutation, not a shuffle)."""
     idx = y_probe.transpose(0, 1).reshape(y_probe.shape[1], -1)
     if not torch.all(idx == idx[:, :1]):
         return None  # something other than data movement ran between the two reshapes
