@@ -60,7 +60,8 @@ def add_train_args(p: argparse.ArgumentParser, per_method: bool = False) -> None
             return text + (" (default: the method's, see below)" if default is not None else "")
         return text + (f" (default {default})" if default is not None else "")
 
-    g = p.add_argument_group("training" + (" (the fine-tune stage; run-wide flags reach every stage)" if per_method else ""))
+    stage = " (the fine-tune stage; run-wide flags reach every stage)" if per_method else ""
+    g = p.add_argument_group("training" + stage)
     g.add_argument("--epochs", type=int, help=h("number of epochs", d.epochs))
     g.add_argument("--batch-size", type=int, help=h("global batch size, split over torchrun ranks", d.batch_size))
     g.add_argument("--eval-batch-size", type=int, help=f"evaluation batch size (default {d.eval_batch_size})")

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                        epilog=defaults_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(methods()), help="recipe (default l1)")
     p.add_argument("--from", dest="source", required=True,
-                   help="run directory, saved model folder, or pretrained:NAME (a shipped base: `kdprune info --list`)")
+                   help="run directory, saved model folder, or pretrained:NAME "
+                        "(a shipped base: `kdprune info --list`)")
     p.add_argument("--config", help="YAML: {method: NAME, recipe: {fields of the recipe}}; merged field by "
                                     "field over the method's own defaults")
     add_recipe_args(p)
