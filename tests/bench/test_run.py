@@ -30,7 +30,7 @@ def test_every_run_appends_one_line(finished):
     assert tags == ["dense-base", "l1-flops0.5-s0", "tpm-flops0.5-s0", "control-e1-s0", "l1-wall-tpm-flops0.5-s0",
                     "l1-flops0.5-s1", "tpm-flops0.5-s1", "control-e1-s1", "l1-wall-tpm-flops0.5-s1"]
     base = lines[0]
-    assert base["input_shape"] == [1, 8, 8] and (base["train_images"], base["val_images"]) == (48, 16)
+    assert base["input_shape"] == [1, 8, 8] and (base["train_images"], base["val_images"]) == (64, 16)
     for r in lines:
         assert {"commit", "machine", "command", "versions", "date"} <= set(r) and r["command"] == "pytest bench"
         assert r["versions"]["torch_pruning"] == "1.6.0"
@@ -142,3 +142,13 @@ def test_report_times_the_saved_models(finished):
     rows = {(r["method"], r["budget"]): r for r in rep.rows}
     assert rows[("dense base", "")]["speedup_bs4"] == 1.0 and rows[("tpm", "equal epochs")]["lat_bs4_ms"] > 0
     assert "CPU ms bs4" in rep.markdown and "± " in rep.markdown
+
+
+def test_the_validation_split_is_the_one_every_command_holds_out(tmp_path):
+    cfg = tiny_config(tmp_path)
+    full, test = tiny_data()
+    data = bench_run.prepare_data(cfg, (full, test))
+    rest, held = full.split(16, seed=kp.data.SPLIT_SEED)  # what train/compress --val-split 16 hold out
+    assert torch.equal(data.val.images, held.images) and data.test is test
+    seen = {tuple(x.flatten().tolist()) for x in data.train.images}
+    assert len(data.train) == 64 and not seen & {tuple(x.flatten().tolist()) for x in held.images}

@@ -27,9 +27,10 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # labels name run folders
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The images every run trains on: ``train_images`` drawn stratified from the training set
-    (``ImageDataset.split(n, seed)[1]``; all of it when None), of which ``val_split`` are held out
-    for the choices a method makes; the test set is only reported."""
+    """The images every run trains on: ``val_split`` training images held out first for the
+    choices a method makes (``kdprune.data.SPLIT_SEED``: the images a base trained with
+    ``--val-split`` never saw), then ``train_images`` drawn stratified from the rest
+    (``ImageDataset.split(n, seed)[1]``; all of it when None); the test set is only reported."""
 
     name: str = "fashion-mnist"
     root: str | None = None

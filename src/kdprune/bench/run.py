@@ -16,7 +16,7 @@ from torch import nn
 
 from kdprune.bench.config import CONTROL, BenchConfig, BenchMethod, configure, configure_stage, target_label
 from kdprune.bench.results import append_line, describe_machine, provenance, read_lines
-from kdprune.data import ImageDataset
+from kdprune.data import SPLIT_SEED, ImageDataset
 from kdprune.engine import Target
 from kdprune.io import load_pruned
 from kdprune.methods import compress, infer_example_input
@@ -62,11 +62,11 @@ def prepare_data(cfg: BenchConfig, data: tuple[ImageDataset, ImageDataset] | Non
         data = kdprune.data.load(cfg.data.name, **({"root": cfg.data.root} if cfg.data.root else {}))
     full, test = data
     d = cfg.data
+    held = None
+    if d.val_split:  # the same held-out images as train/compress --val-split and the option-B bases
+        full, held = full.split(d.val_split, seed=SPLIT_SEED)
     drawn = full.split(d.train_images, seed=d.seed)[1] if d.train_images and d.train_images < len(full) else full
-    if d.val_split:
-        rest, held = drawn.split(d.val_split, seed=d.seed)
-        return BenchData(rest, held, test)
-    return BenchData(drawn, test, test)
+    return BenchData(drawn, held, test) if held is not None else BenchData(drawn, test, test)
 
 
 def load_base(cfg: BenchConfig) -> nn.Module:
