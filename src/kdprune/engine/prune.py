@@ -205,9 +205,15 @@ def _check_unmasked(model: nn.Module) -> None:
                                "them before physical pruning")
 
 
+def _may_link(m: nn.Module) -> bool:
+    """A grouped conv other than a plain depthwise one (those never link groups)."""
+    return (isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+            and not m.groups == m.in_channels == m.out_channels)
+
+
 def _linked_groups(model: nn.Module, x: torch.Tensor, dg: tp.DependencyGraph) -> dict[str, ChannelGroup]:
     """Root -> linked group (those with parts); skipped on models with nothing to link."""
-    if not getattr(dg, "kdprune_shuffles", ()) and not any(getattr(m, "groups", 1) > 1 for m in model.modules()):
+    if not getattr(dg, "kdprune_shuffles", ()) and not any(map(_may_link, model.modules())):
         return {}
     return {g.root: g for g in channel_groups(model, x, dg=dg) if g.parts}
 
