@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -29,7 +30,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def entry(run: Path, name: str, command: str, notes: str) -> dict:
+def entry(run: Path, name: str, command: str, notes: str, commit: str | None = None) -> dict:
     """The manifest entry of a finished run."""
     cfg = json.loads((run / "config.json").read_text())
     spec = json.loads((run / "model" / "structure.json").read_text())["model"]
@@ -38,8 +39,8 @@ def entry(run: Path, name: str, command: str, notes: str) -> dict:
     test = json.loads(tested.read_text())["test_top1"] if tested.is_file() else rows[-1]["val_top1"]
     out = {"dir": name, "model": spec["name"], "model_kwargs": spec["kwargs"], "data": cfg["run"]["data"],
            "weights_sha256": sha256(run / "model" / "model.safetensors"), "test_top1": round(test, 2),
-           "epochs": len(rows), "command": command, "commit": cfg.get("meta", {}).get("git_commit", ""),
-           "machine": f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread, "
+           "epochs": len(rows), "command": command, "commit": commit or cfg.get("meta", {}).get("git_commit", ""),
+           "machine": f"{os.cpu_count()} shared CPU cores ({platform.machine()}), torch {torch.__version__}, 1 thread, "
                       f"~{rows[-1].get('epoch_time_s', 0) / 60:.1f} min per epoch", "notes": notes}
     if cfg["run"].get("val_split"):
         out["val_split"] = cfg["run"]["val_split"]
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--command", required=True)
     ap.add_argument("--notes", default="")
+    ap.add_argument("--commit", help="the commit the command reproduces from, when the run recorded a dirty tree")
     args = ap.parse_args()
     dest = BASES / args.name
     dest.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def main() -> None:
         shutil.copyfile(args.run / src, dest / dst)
     manifest_path = BASES / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest[args.name] = entry(args.run, args.name, args.command, args.notes)
+    manifest[args.name] = entry(args.run, args.name, args.command, args.notes, args.commit)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest[args.name], indent=2))
 
