@@ -13,7 +13,7 @@ OUT="${DEMO_OUT:-runs/demo}"
 
 echo "== 1/2 compress the shipped ResNet-20 base: L1 pruning to 50% of FLOPs + 1 epoch of KD, and the dense control -> $OUT/kd50"
 RESUME=""; [ -d "$OUT/kd50" ] && RESUME="--resume"
-"$KDP" compress --method kd --from pretrained:resnet20-fmnist --target-flops 0.5 --epochs 1 --control 1 \
+"$KDP" compress --method kd --from pretrained:resnet20-fmnist --target-flops 0.5 --epochs 1 --control 1 --train-subset 30000 \
   --out "$OUT/kd50" $RESUME
 
 echo "== 2/2 reload the pruned model from disk (no pickle) and evaluate it"

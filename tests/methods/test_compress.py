@@ -75,7 +75,7 @@ def test_bad_recipe_and_target(toy_data):
 
 def test_control_is_the_dense_model_trained_the_same_epochs(toy_data, tmp_path):
     train, val = toy_data
-    recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=FT)
+    recipe = kp.recipes.KDFinetune(target_flops=0.5, finetune=FT)  # KD freezes the dense copy as its teacher
     res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path, latency=False, control_epochs=2, factory=TinyNet32)
     control = res.report["control"]
     assert control["epochs"] == 2 and control["params"] == res.report["before"]["params"]

@@ -121,7 +121,8 @@ def _control(recipe: Any, ctx: CompressContext, epochs: int, scored: Any) -> dic
     if epochs < 1:
         raise ValueError(f"control_epochs must be >= 1, got {epochs}")
     cfg = ctx.with_progress(replace(recipe.finetune, epochs=epochs), "control")
-    res = train(copy.deepcopy(ctx.dense), ctx.train, ctx.val, cfg, out_dir=ctx.stage_dir("control"),
+    model = copy.deepcopy(ctx.dense).requires_grad_(True)  # a KD recipe froze the dense copy as its teacher
+    res = train(model, ctx.train, ctx.val, cfg, out_dir=ctx.stage_dir("control"),
                 resume=ctx.resumable("control"), save_model=False)
     return {**measure(res.model.eval(), scored, ctx.example_input), "epochs": epochs}
 
