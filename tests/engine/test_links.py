@@ -112,3 +112,18 @@ def test_uneven_tie_classes_remove_exactly_n_when_sizes_allow():
     assert lowest_channels(grp, scores, 4) == (0, 1, 2, 3)
     assert lowest_channels(grp, scores, 2) == (4, 5)  # the 4-class does not fit: the next ones do
     assert grp.tie_size == 1
+
+
+def _refuses_whole_numbers(t: torch.Tensor) -> torch.Tensor:
+    """Data movement that raises on whole-number activations (the probe's channel indices), like an
+    op that cannot take them."""
+    if torch.all(t == t.round()):
+        raise RuntimeError("whole-number activations")
+    return t.transpose(1, 2)
+
+
+def test_a_probe_that_breaks_the_forward_leaves_a_barrier():
+    model = _model(lambda: ShuffleNet(3, _refuses_whole_numbers))
+    assert find_channel_shuffles(model, X, find_channel_reshapes(model, X)) == []
+    rows = {r.name: r for r in describe(model, X)}
+    assert not rows["a.0"].prunable and "channel reshape" in rows["a.0"].reason
