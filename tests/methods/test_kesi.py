@@ -125,6 +125,16 @@ def test_lr_and_epoch_overrides_and_pfec_defaults():
         K.KESI(target_flops=0.5, teacher_mode="max").check()
 
 
+def test_single_teacher_ablation_distils_from_the_base_alone():
+    snaps, dense = [nn.Linear(2, 2), nn.Linear(2, 2)], nn.Linear(2, 3)
+    names = [n for n, _ in K.ensemble_members(K.KESI(target_flops=0.5, include_snapshots=False), snaps, dense)]
+    assert names == ["base"]
+    names = [n for n, _ in K.ensemble_members(K.KESI(target_flops=0.5), snaps, dense)]
+    assert names == ["base", "round1", "round2"]
+    with pytest.raises(ValueError, match="no teachers"):
+        K.KESI(target_flops=0.5, include_base=False, include_snapshots=False).check()
+
+
 def test_cli_builds_kesi_recipes(tmp_path):
     from kdprune.cli.compress_cmd import build_recipe, methods
     from kdprune.cli.main import build_parser

@@ -112,6 +112,9 @@ class KESI(PruneRecipe):
     teacher_mode: TeacherMode = MeanKL()
     include_base: bool = True
     include_last: bool = True
+    # False: distil from the unpruned model alone (KESI's "single teacher" ablation: does the
+    # snapshot ensemble beat plain KD from the base after the same rounds?)
+    include_snapshots: bool = True
 
     def target(self) -> Target | None:
         """The final Target, or None when the plan is ``stage_ratios`` (validates the choice)."""
@@ -144,9 +147,10 @@ class KESI(PruneRecipe):
             require_free_widths(self, "stage_ratios fix each stage's widths; use round_to")
         if self.distill_epochs is not None and self.distill_epochs < 0:
             raise ValueError(f"KESI.distill_epochs must be >= 0, got {self.distill_epochs}")
-        if self.distill_config() is not None and not self.include_base and not self.include_last \
-                and self.rounds == 1:
-            raise ValueError("KESI: no teachers (rounds=1 with include_base=False, include_last=False)")
+        if self.distill_config() is not None and not self.include_base and (
+                not self.include_snapshots or (not self.include_last and self.rounds == 1)):
+            raise ValueError("KESI: no teachers (include_base=False, and include_snapshots=False or rounds=1 with "
+                             "include_last=False)")
 
 
 @register_recipe("pfec")
@@ -312,8 +316,11 @@ def run_rounds(recipe: KESI, model: nn.Module, ctx: CompressContext) -> tuple[li
 
 def ensemble_members(recipe: KESI, snapshots: Sequence[nn.Module],
                      dense: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the teachers: unpruned model, every snapshot (last one optional)."""
+    """(name, module) of the teachers: unpruned model, every snapshot (last one optional; none
+    with include_snapshots=False)."""
     members = [("base", copy.deepcopy(dense))] if recipe.include_base else []
+    if not recipe.include_snapshots:
+        return members
     last = len(snapshots) if recipe.include_last else len(snapshots) - 1
     return members + [(f"round{i + 1}", s) for i, s in enumerate(snapshots[:last])]
 
