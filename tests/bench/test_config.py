@@ -30,6 +30,22 @@ def test_shipped_profiles_parse():
     assert full.data.name == "cifar10" and full.budget.epochs == 30
 
 
+def test_kd_pays_profile_gives_every_run_six_epochs():
+    cfg = load_config(ROOT / "benchmarks" / "kd_pays.yaml")
+    assert cfg.base == "pretrained:resnet20b-fmnist" and cfg.data.val_split == 5000
+    for m in cfg.methods:
+        r = m.recipe
+        if isinstance(r, kp.recipes.KESI):  # rounds x retrain epochs + distillation epochs
+            dist = r.distill_config()
+            total = r.rounds * r.retrain_config().epochs + (dist.epochs if dist else 0)
+        else:
+            total = r.finetune.epochs
+        assert total == 6, m.label
+    assert not cfg.method("kesi-single").recipe.include_snapshots
+    assert cfg.method("pfec").recipe.retrain_config().optimizer.lr == 1e-3  # PFEC's constant small lr
+    assert isinstance(cfg.method("sdap-uniform").recipe.mode, kp.engine.Uniform)
+
+
 def test_partial_recipe_merges_over_budget_over_defaults():
     budget = Budget(epochs=4, lr=0.02)
     r = build_recipe("kd", {"temperature": 2.0, "finetune": {"schedule": "step"}}, budget, "t")
