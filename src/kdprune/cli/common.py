@@ -188,16 +188,29 @@ def load_source_data(path: Path, args: argparse.Namespace, seed: int = 0) -> tup
 
     rec_name, rec_root = run_data_name(path)
     name, root = args.data or rec_name or "fashion-mnist", args.data_root or rec_root
-    train, val = kp.data.load(name, **({"root": root} if root else {}))
-    test, split = None, getattr(args, "val_split", None)
-    if split:
-        train, held = train.split(split, seed=kp.data.SPLIT_SEED)
-        val, test = held, val
-    if args.train_subset:
-        train = train.subset(args.train_subset, seed=seed)
-    if args.val_subset:
-        val = val.subset(args.val_subset, seed=seed)
+    split = getattr(args, "val_split", None)
+    train, val, test = split_and_subset(kp.data.load(name, **({"root": root} if root else {})), split,
+                                        args.train_subset, args.val_subset, seed)
     return {"data": name, "data_root": root, **({"val_split": split} if split else {})}, train, val, test
+
+
+def split_and_subset(data: tuple[Any, Any], val_split: int | None, train_subset: int | None,
+                     val_subset: int | None, seed: int) -> tuple[Any, Any, Any]:
+    """(train, val, test) from a set's (train, test): with ``val_split`` the validation set is that
+    many training images, always the same ones (``kdprune.data.SPLIT_SEED``), and the test split
+    comes back apart (None otherwise: val is the set's own split); then the seeded subsets."""
+    from kdprune.data import SPLIT_SEED
+
+    train, val = data
+    test = None
+    if val_split:
+        train, held = train.split(val_split, seed=SPLIT_SEED)
+        val, test = held, val
+    if train_subset:
+        train = train.subset(train_subset, seed=seed)
+    if val_subset:
+        val = val.subset(val_subset, seed=seed)
+    return train, val, test
 
 
 RUN_MARKER = "kdprune-run.json"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdprune.cli.common import RunConfig, add_data_args, add_train_args, build_run_config, parse_kv, prepare_out
+from kdprune.cli.common import (RunConfig, add_data_args, add_train_args, build_run_config, parse_kv, prepare_out,
+                                split_and_subset)
 from kdprune.training.config_io import to_tagged_dict
 
 
@@ -33,16 +34,8 @@ def load_run_data(cfg: RunConfig):
     import kdprune as kp
 
     kwargs = {"root": cfg.data_root} if cfg.data_root else {}
-    train, val = kp.data.load(cfg.data, **kwargs)
-    test = None
-    if cfg.val_split:
-        train, held = train.split(cfg.val_split, seed=kp.data.SPLIT_SEED)
-        val, test = held, val
-    if cfg.train_subset:
-        train = train.subset(cfg.train_subset, seed=cfg.train.seed)
-    if cfg.val_subset:
-        val = val.subset(cfg.val_subset, seed=cfg.train.seed)
-    return train, val, test
+    return split_and_subset(kp.data.load(cfg.data, **kwargs), cfg.val_split, cfg.train_subset, cfg.val_subset,
+                            cfg.train.seed)
 
 
 def run(args: argparse.Namespace) -> int:

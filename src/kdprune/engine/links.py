@@ -59,9 +59,6 @@ class _Raw:
         """The root channels in this group."""
         return sorted(set(self.members[0].root_idxs))
 
-    def member(self, name: str, role: str) -> Member | None:
-        return next((m for m in self.members if m.name == name and m.role == role), None)
-
 
 @dataclass(frozen=True)
 class GroupStatus:
@@ -202,11 +199,14 @@ def _link_multiplier(links: _Links, raws: Sequence[_Raw], name: str, mod: nn.Mod
 
 
 def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:
-    """One member per (name, role): a layer seen by several linked parts gets all its channels."""
+    """One member per (name, role): a layer seen by several linked parts gets all its channels;
+    ValueError when two parts map one layer channel to different group channels."""
     merged: dict[tuple[str, str], list] = {}
     for m in members:
-        cur = merged.setdefault((m.name, m.role), [m.kind, {}])
-        cur[1].update(zip(m.idxs, m.root_idxs))
+        _, local = merged.setdefault((m.name, m.role), [m.kind, {}])
+        for i, r in zip(m.idxs, m.root_idxs):
+            if local.setdefault(i, r) != r:
+                raise ValueError(f"linked groups map channel {i} of {m.name} twice")
     return tuple(Member(name, kind, role, tuple(sorted(local)), tuple(local[i] for i in sorted(local)))
                  for (name, role), (kind, local) in merged.items())
 
@@ -242,17 +242,6 @@ def link_ties(model: nn.Module, members: Sequence[Member],
     return out
 
 
-def _split_members(members: Iterable[Member]) -> tuple[Member, ...]:
-    """_merge_members, refusing a layer channel that two parts map to different group channels."""
-    members = list(members)
-    seen: dict[tuple[str, str, int], int] = {}
-    for m in members:
-        for i, r in zip(m.idxs, m.root_idxs):
-            if seen.setdefault((m.name, m.role, i), r) != r:
-                raise ValueError(f"linked groups map channel {i} of {m.name} twice")
-    return _merge_members(members)
-
-
 def _blocker(model: nn.Module, parts: Sequence[_Raw], members: Sequence[Member], extra: list,
              shuffled: bool) -> str | None:
     """Why a (linked) group cannot be pruned, or None."""
@@ -278,7 +267,7 @@ def _blocker(model: nn.Module, parts: Sequence[_Raw], members: Sequence[Member],
 def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], links: _Links) -> GroupStatus:
     """The group made of the DepGraph groups ``idxs`` (one, or several linked)."""
     cls: dict = {}
-    gmap: dict[int, list[int]] = {}
+    gmap: dict[int, dict[int, int]] = {}  # part -> its root channel -> group channel
     for gi in idxs:  # group channels numbered in module order: the first part keeps its numbering
         gmap[gi] = {r: cls.setdefault(links.chans.find((gi, r)), len(cls)) for r in raws[gi].ids}
     parts = [raws[g] for g in idxs]
@@ -286,7 +275,7 @@ def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], links: _L
     shuffled = any(m.name in resolved for p in parts for m in p.members)
     extra = [[gmap[g][r] for g, r in tie] for tie in links.ties if tie[0][0] in gmap]
     try:
-        members = _split_members(
+        members = _merge_members(
             Member(m.name, m.kind, m.role, m.idxs, tuple(gmap[gi][r] for r in m.root_idxs))
             for gi in idxs for m in raws[gi].members if m.name not in resolved)
         why = _blocker(model, parts, members, extra, shuffled)

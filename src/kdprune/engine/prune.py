@@ -13,7 +13,7 @@ from torch_pruning import ops
 from kdprune.engine.allocate import PruningPlan
 from kdprune.engine.graph import (ChannelGroup, _member_kind, _member_name, _members, build_graph, stand_in_root,
                                   tp_group)
-from kdprune.engine.links import channel_groups, link_ties
+from kdprune.engine.links import channel_groups, is_multiplier, link_ties
 from kdprune.engine.reshape import ChannelReshape
 from kdprune.engine.structure import record_edit, register_edit
 
@@ -119,14 +119,6 @@ def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], d
             done |= touched
 
 
-def _drops_conv_groups(m: nn.Module) -> bool:
-    """A grouped conv whose every input channel is its own conv group but that is no depthwise conv
-    (a channel multiplier): removing an input channel removes its conv group (a linked part
-    removes its output rows)."""
-    return (isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups == m.in_channels
-            and m.out_channels != m.in_channels)
-
-
 def _checked_group(dg: tp.DependencyGraph, module: nn.Module, root: str, idxs: list[int], linked: bool):
     """(root module, tp group, modules whose outputs shrink), refusing barriers and emptied layers."""
     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
@@ -146,7 +138,7 @@ def _prune_linked(dg: tp.DependencyGraph, model: nn.Module, groups: list) -> Non
     """Prune the parts of a linked group at once: a layer several parts reach (a grouped conv
     reading two of them) is cut once with all its channels, so each conv group loses the same
     positions; a channel multiplier's inputs drop whole conv groups (``groups`` shrinks)."""
-    multipliers = {m for m in model.modules() if _drops_conv_groups(m)}
+    multipliers = {m for m in model.modules() if is_multiplier(m)}  # before any cut of this edit
     cuts: dict[tuple, tuple] = {}
     for group in groups:
         for item in group.items:
@@ -173,14 +165,12 @@ def apply_channel_edits(model: nn.Module, edits: Sequence[dict[str, Any]],
         return
     if example_input is None:
         raise ValueError("prune_channels needs an example input (the structure log has no input_shape)")
+    _check_unmasked(model)
     _apply_edits(model, build_graph(model, example_input), edits, one_plan)
 
 
 def _apply_edits(model: nn.Module, dg: tp.DependencyGraph | None, edits: Sequence[dict[str, Any]],
                  one_plan: bool) -> None:
-    if not edits:
-        return
-    _check_unmasked(model)
     done: set | None = set() if one_plan else None
     for edit in edits:
         _prune_one(dg, model, edit, done)
