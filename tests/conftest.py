@@ -59,17 +59,20 @@ def tiny_net() -> TinyNet:
     return TinyNet()
 
 
-def assert_resume_is_bit_exact(run, tmp_path, monkeypatch) -> None:
-    """`run(out_dir, resume) -> model`: kill it right after its first epoch checkpoint, resume it,
-    and require the same weights, bit for bit, as an uninterrupted run."""
+def assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after: int = 1) -> None:
+    """`run(out_dir, resume) -> model`: kill it right after its `kill_after`-th epoch checkpoint
+    (counted over all its training stages), resume it, and require the same weights, bit for bit,
+    as an uninterrupted run."""
     from kdprune.training import loop
 
     ref = run(tmp_path / "ref", False)
-    real_write = loop._write_epoch
+    real_write, written = loop._write_epoch, []
 
     def write_then_die(*args, **kw):
         real_write(*args, **kw)
-        raise KeyboardInterrupt("killed after epoch checkpoint")
+        written.append(1)
+        if len(written) == kill_after:
+            raise KeyboardInterrupt("killed after epoch checkpoint")
 
     monkeypatch.setattr(loop, "_write_epoch", write_then_die)
     with pytest.raises(KeyboardInterrupt):

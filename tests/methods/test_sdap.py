@@ -17,7 +17,7 @@ from kdprune.engine import ChannelGroup, Member, Uniform, apply_plan, channel_gr
 from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import (
-    SDAP, channel_costs, cubic_rate, fold_and_remove, global_keep, keep_to_plan, prepare, sdap_task,
+    SDAP, channel_costs, cubic_rate, fold_and_remove, global_keep, keep_to_plan, prepare, sdap_stages, sdap_task,
 )
 from kdprune.training import LoopState
 
@@ -184,6 +184,46 @@ def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
                            factory=TinyNet32).model
 
     assert_resume_is_bit_exact(run, tmp_path, monkeypatch)
+
+
+FT3 = kp.TrainConfig(epochs=3, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
+
+
+def test_stages_split_the_run_after_the_ramp():
+    gated, pruned = sdap_stages(SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=1.5))
+    assert (gated.epochs, gated.start_epoch, gated.total_epochs()) == (2, 0, 3)
+    assert (pruned.epochs, pruned.start_epoch, pruned.total_epochs()) == (1, 2, 3)
+    assert sdap_stages(SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=3)) == (FT3, None)
+    assert sdap_stages(SDAP(target_flops=0.5, finetune=FT3, remove_early=False)) == (FT3, None)
+    assert sdap_stages(SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=0))[0].epochs == 1
+
+
+def test_early_removal_trains_the_pruned_net_on_the_same_schedule(toy_data, tmp_path):
+    """After the ramp the rest of the run trains the physically pruned network: same epochs,
+    same LR at every epoch end as the gated-throughout run, and the target still met."""
+    train, val = toy_data
+    runs = {}
+    for early in (True, False):
+        recipe = SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=1, remove_early=early)
+        res = kp.compress(_net(), recipe, train, val, out_dir=tmp_path / str(early), latency=False,
+                          progress=False, factory=TinyNet32)
+        runs[early] = res
+    early, late = runs[True], runs[False]
+    assert [r["lr"] for r in early.report["method"]["train"]] == [r["lr"] for r in late.report["method"]["train"]]
+    assert early.report["method"]["removed_after_epochs"] == 1 and late.report["method"]["removed_after_epochs"] is None
+    assert (tmp_path / "True" / "sdap-pruned" / "checkpoint.pt").is_file()
+    assert abs(early.report["after"]["flops"] / early.report["before"]["flops"] - 0.5) <= 0.01
+
+
+def test_resume_inside_the_pruned_stage_is_bit_exact(toy_data, tmp_path, monkeypatch):
+    train, val = toy_data
+    recipe = SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=1, gate_l1=1e-3)
+
+    def run(out, resume):
+        return kp.compress(_net(), recipe, train, val, out_dir=out, resume=resume, latency=False,
+                           progress=False, factory=TinyNet32).model
+
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after=2)  # epoch 1 of the pruned stage
 
 
 class _Boom(nn.Module):

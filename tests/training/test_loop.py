@@ -99,3 +99,42 @@ def test_bf16_autocast_runs(toy_data):
     train_set, val_set = toy_data
     res = train(TinyNet(), train_set, val_set, _cfg(epochs=1, bf16=True, max_steps_per_epoch=2))
     assert torch.isfinite(torch.tensor(res.metrics["train_loss"]))
+
+
+class _LRs(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_step_end(self, state) -> None:
+        self.lrs.append(state.lr)
+
+
+def _no_dropout(net: TinyNet) -> TinyNet:
+    net.features[6].p = 0.0
+    return net
+
+
+def test_a_run_split_in_two_stages_equals_one_run(toy_data):
+    """start_epoch / schedule_epochs continue the LR schedule and the data order (augmentation
+    included): without optimizer state (momentum 0) or dropout (each stage reseeds the global RNG),
+    two stages give bit-exactly the weights of one uninterrupted run."""
+    train_set, _ = toy_data
+    opt = SGD(lr=0.05, momentum=0.0)
+    torch.manual_seed(0)
+    ref, ref_lr = _no_dropout(TinyNet()), _LRs()
+    train(ref, train_set, None, _cfg(epochs=3, optimizer=opt), callbacks=[ref_lr])
+    torch.manual_seed(0)
+    model, lr = _no_dropout(TinyNet()), _LRs()
+    train(model, train_set, None, _cfg(epochs=1, schedule_epochs=3, optimizer=opt), callbacks=[lr])
+    train(model, train_set, None, _cfg(epochs=2, start_epoch=1, schedule_epochs=3, optimizer=opt), callbacks=[lr])
+    assert lr.lrs == ref_lr.lrs and ref_lr.lrs[0] > ref_lr.lrs[-1] > 0
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_stage_window_is_validated():
+    assert _cfg(epochs=2, start_epoch=1).total_epochs() == 3
+    with pytest.raises(ValueError, match="do not fit"):
+        _cfg(epochs=3, start_epoch=1, schedule_epochs=3)
+    with pytest.raises(ValueError, match="do not fit"):
+        _cfg(start_epoch=-1)

@@ -8,12 +8,15 @@ its own pruned copy. At the end the gates fold into BN and the masked channels a
 Choices that are ours, not the paper's (see docs/methods/sdap.md): the rate ``p`` is the share of
 the target metric (params or FLOPs) carried by the masked channels, the final rate is re-searched
 with the engine on a gate-free copy at the start and at every epoch end, and the ranking is
-recomputed after every optimiser step with masked gates (and their gradients) held at zero.
+recomputed after every optimiser step with masked gates (and their gradients) held at zero, and
+(``remove_early``) the masked channels are removed at the first epoch end after the ramp, so that
+the remaining epochs fine-tune the pruned network at its own cost (same KD task, same LR schedule).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -52,7 +55,7 @@ from kdprune.metrics import complexity, layer_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
 
 __all__ = ["SDAP", "SDAPController", "GateSchedule", "cubic_rate", "channel_costs", "global_keep",
-           "protected_channels", "keep_to_plan", "prepare", "sdap_task", "fold_and_remove",
+           "protected_channels", "keep_to_plan", "prepare", "sdap_task", "sdap_stages", "fold_and_remove",
            "default_sdap_train"]
 
 # The final rate: 30 halvings (far finer than one channel's share), keeping the closer bracket end;
@@ -79,6 +82,7 @@ class SDAP(PruneRecipe):
     gate_l1: float = 0.0
     mode: Allocation = Global()
     weight_by_cost: bool = True
+    remove_early: bool = True  # ours: remove masked channels once the ramp is over (docstring above)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -411,13 +415,31 @@ def _finish(model: nn.Module, masks: MaskSet, cb: GateSchedule, x: torch.Tensor)
             "channels_removed": plan.num_removed, "calibrations": cb.history, **latency_info(check)}
 
 
+def sdap_stages(recipe: SDAP) -> tuple[TrainConfig, TrainConfig | None]:
+    """The gated stage (until the first epoch end after the ramp, with ``remove_early``) and the
+    fine-tune of the pruned network after it, both windows of ``recipe.finetune``'s schedule."""
+    ft = recipe.finetune
+    gated = max(1, math.ceil(recipe.ramp_epochs))
+    if not recipe.remove_early or gated >= ft.epochs:
+        return ft, None
+    total = ft.total_epochs()
+    return (replace(ft, epochs=gated, schedule_epochs=total),
+            replace(ft, epochs=ft.epochs - gated, start_epoch=ft.start_epoch + gated, schedule_epochs=total))
+
+
 @run_recipe.register
 def _(recipe: SDAP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
     masks, cb = prepare(model, recipe, ctx.example_input)
     task = sdap_task(recipe, ctx)
-    res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "sdap"), task=task,
+    gated, pruned = sdap_stages(recipe)
+    res = train(model, ctx.train, ctx.val, ctx.with_progress(gated, "sdap"), task=task,
                 out_dir=ctx.stage_dir("sdap"), resume=ctx.resumable("sdap"), callbacks=[cb],
                 record={"method": "sdap"}, save_model=False)
     info = _finish(model, masks, cb, ctx.example_input)
-    info["train"] = res.history
+    info["train"], info["removed_after_epochs"] = res.history, gated.epochs if pruned else None
+    if pruned is not None:  # the rest of the run at the pruned cost
+        res = train(model, ctx.train, ctx.val, ctx.with_progress(pruned, "sdap pruned"), task=task,
+                    out_dir=ctx.stage_dir("sdap-pruned"), resume=ctx.resumable("sdap-pruned"),
+                    record={"method": "sdap", "stage": "pruned"}, save_model=False)
+        info["train"] = info["train"] + res.history
     return model, info

@@ -118,11 +118,23 @@ class TrainConfig:
     eval_every: int = 1
     progress: bool = True
     label: str = ""  # names the stage in progress bars and epoch lines (e.g. "kesi round 2/5")
+    # A stage that continues an earlier one on another model (SDAP's fine-tune after removing the
+    # masked channels): epochs [start_epoch, start_epoch + epochs) of a schedule_epochs-long run,
+    # so the LR schedule and the data order go on where the earlier stage stopped.
+    start_epoch: int = 0
+    schedule_epochs: int | None = None  # None: start_epoch + epochs
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.start_epoch < 0 or self.start_epoch + self.epochs > self.total_epochs():
+            raise ValueError(f"TrainConfig: epochs {self.start_epoch}..{self.start_epoch + self.epochs} "
+                             f"do not fit in schedule_epochs={self.schedule_epochs}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("TrainConfig.batch_size and eval_batch_size must be >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
+
+    def total_epochs(self) -> int:
+        """Length of the whole run this config is a stage of (what the LR schedule spans)."""
+        return self.schedule_epochs if self.schedule_epochs is not None else self.start_epoch + self.epochs

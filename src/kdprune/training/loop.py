@@ -18,7 +18,7 @@ from kdprune.training.callbacks import Callback, LoopState, StopTraining
 from kdprune.training.checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kdprune.training.config import TrainConfig
 from kdprune.training.evaluate import evaluate
-from kdprune.training.optim import build_optimizer, build_schedule
+from kdprune.training.optim import advance_schedule, build_optimizer, build_schedule
 from kdprune.training.params import param_groups
 from kdprune.training.runner import TaskModule, task_eval_models, task_owned_parameters, task_trainable_modules, wrap
 from kdprune.utils.dist import all_reduce_sum, barrier, dist_info, init_distributed
@@ -281,7 +281,8 @@ def train(
     bundle = _prepare(model, task, cfg, device)
     loader, steps = _train_loader(train_data, cfg, info.world_size)
     opt = _build_optimizer(bundle, task, callbacks, cfg)
-    sched = build_schedule(cfg.schedule, opt, steps, cfg.epochs)
+    sched = build_schedule(cfg.schedule, opt, steps, cfg.total_epochs())
+    advance_schedule(sched, cfg.start_epoch * steps)
     out = Path(out_dir) if out_dir is not None else None
     state = LoopState(bundle.model, opt, 0, 0, steps, cfg.epochs, task=task)
     history: list[dict[str, float]] = []
@@ -312,7 +313,7 @@ def _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state, callba
     metrics: dict[str, float] = history[-1] if history else {}
     try:
         while state.epoch < cfg.epochs:
-            loader.set_epoch(state.epoch)
+            loader.set_epoch(cfg.start_epoch + state.epoch)  # a continuing stage: new orders
             bar = tqdm(total=state.steps_per_epoch, desc=f"{_prefix(cfg)}epoch {state.epoch + 1}/{cfg.epochs}",
                        disable=not (is_main and cfg.progress), mininterval=1.0, leave=False)
             with bar:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from functools import singledispatch
 from typing import Iterable
 
@@ -81,3 +82,12 @@ def _(cfg: OneCycle, opt, steps_per_epoch: int, epochs: int) -> LRScheduler:
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
         anneal_strategy=cfg.anneal_strategy.value,
     )
+
+
+def advance_schedule(sched: LRScheduler, steps: int) -> None:
+    """Move ``sched`` on by ``steps`` optimiser steps without training (a stage that continues a
+    run, TrainConfig.start_epoch): the optimizer's LR is then the one the whole run would use."""
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            sched.step()
