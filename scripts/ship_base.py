@@ -40,7 +40,8 @@ def entry(run: Path, name: str, command: str, notes: str, commit: str | None = N
     out = {"dir": name, "model": spec["name"], "model_kwargs": spec["kwargs"], "data": cfg["run"]["data"],
            "weights_sha256": sha256(run / "model" / "model.safetensors"), "test_top1": round(test, 2),
            "epochs": len(rows), "command": command, "commit": commit or cfg.get("meta", {}).get("git_commit", ""),
-           "machine": f"{os.cpu_count()} shared CPU cores ({platform.machine()}), torch {torch.__version__}, 1 thread, "
+           "machine": f"{os.cpu_count()} shared CPU cores ({platform.machine()}), "
+                      f"torch {torch.__version__}, 1 thread, "
                       f"~{rows[-1].get('epoch_time_s', 0) / 60:.1f} min per epoch", "notes": notes}
     if cfg["run"].get("val_split"):
         out["val_split"] = cfg["run"]["val_split"]

@@ -1,8 +1,8 @@
 """kdprune: structured pruning of CNNs guided by knowledge distillation.
 
 The public API (see DESIGN.md): `create_model`, `data.load`, `train`/`TrainConfig`, `compress`
-with `recipes`, `save_pruned`/`load_pruned`, `export`/`ExportFormat`/`fold_bn`, `complexity`, `evaluate`. Names load lazily so
-that `import kdprune` (and the CLI's --help) stays fast.
+with `recipes`, `save_pruned`/`load_pruned`, `export`/`ExportFormat`/`fold_bn`, `complexity`, `evaluate`.
+Names load lazily so that `import kdprune` (and the CLI's --help) stays fast.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ _LAZY: dict[str, str] = {
     "pretrained": "kdprune.models.pretrained",
     "list_pretrained": "kdprune.models.pretrained",
 }
-_SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "bench", "utils")
+_SUBMODULES = ("data", "models", "metrics", "training", "engine", "distill", "io", "methods", "recipes", "bench",
+               "utils")
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

@@ -96,7 +96,8 @@ def test_every_stage_is_sized_from_the_cli():
         assert stage.max_steps_per_epoch == 3 and stage.seed == 4
     g = _recipe(["--method", "groupnorm", "--target-flops", "0.5", "--sparse-epochs", "1", "--sparse-lr", "0.02",
                  "--max-steps-per-epoch", "2", "--no-progress"])
-    assert (g.sparse.epochs, g.sparse.optimizer.lr, g.sparse.max_steps_per_epoch, g.sparse.progress) == (1, 0.02, 2, False)
+    sparse = g.sparse
+    assert (sparse.epochs, sparse.optimizer.lr, sparse.max_steps_per_epoch, sparse.progress) == (1, 0.02, 2, False)
     s = _recipe(["--method", "sdap", "--target-params", "0.25", "--ramp-epochs", "1.5", "--gate-l1", "1e-4"])
     assert (s.ramp_epochs, s.gate_l1) == (1.5, 1e-4)
     with pytest.raises(ValueError, match="--sparse-epochs does not apply to method 'l1'"):

@@ -69,7 +69,8 @@ def test_discrete_family_closest_candidate_and_error_naming_the_bracket():
 
 def test_unreachable_target_names_the_smallest_reachable_fraction():
     floor = kept_after(N)
-    with pytest.raises(ValueError, match=rf"unreachable under 4 blocks: the smallest reachable fraction is {floor:.4f}"):
+    msg = rf"unreachable under 4 blocks: the smallest reachable fraction is {floor:.4f}"
+    with pytest.raises(ValueError, match=msg):
         fit_budget(Stack(), X, Target(flops=floor / 2), blocks_family, apply=remove_blocks, limits=" under 4 blocks")
 
 

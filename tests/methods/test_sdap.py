@@ -210,7 +210,8 @@ def test_early_removal_trains_the_pruned_net_on_the_same_schedule(toy_data, tmp_
         runs[early] = res
     early, late = runs[True], runs[False]
     assert [r["lr"] for r in early.report["method"]["train"]] == [r["lr"] for r in late.report["method"]["train"]]
-    assert early.report["method"]["removed_after_epochs"] == 1 and late.report["method"]["removed_after_epochs"] is None
+    assert early.report["method"]["removed_after_epochs"] == 1
+    assert late.report["method"]["removed_after_epochs"] is None
     assert (tmp_path / "True" / "sdap-pruned" / "checkpoint.pt").is_file()
     assert abs(early.report["after"]["flops"] / early.report["before"]["flops"] - 0.5) <= 0.01
 

@@ -38,7 +38,8 @@ def test_default_groups_decay_only_weights():
     m = _Gated()
     groups = {g["name"]: g for g in param_groups({"": m})}
     assert _ids(groups["decay"]) == {id(m.conv.weight), id(m.fc.weight)}
-    assert _ids(groups["no_decay"]) == {id(p) for p in (m.conv.bias, m.bn.weight, m.bn.bias, m.gate, m.table, m.fc.bias)}
+    no_decay = (m.conv.bias, m.bn.weight, m.bn.bias, m.gate, m.table, m.fc.bias)
+    assert _ids(groups["no_decay"]) == {id(p) for p in no_decay}
     assert groups["no_decay"]["weight_decay"] == 0.0
 
 

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 from kdprune.data import as_loader
 from kdprune.distill.tasks import CETask
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
-from kdprune.training.checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from kdprune.training.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint,
+)
 from kdprune.training.config import TrainConfig
 from kdprune.training.evaluate import evaluate
 from kdprune.training.optim import advance_schedule, build_optimizer, build_schedule
