@@ -117,3 +117,15 @@ def test_round_to_mixes_rounded_widths_to_land_within_1_percent(mode):
     for n, c in m.named_modules():
         if isinstance(c, torch.nn.Conv2d) and c.out_channels != widths[n]:
             assert c.out_channels % 8 == 0, (n, c.out_channels)
+
+
+def test_tied_refinement_ranks_classes_by_mean_like_lowest_channels():
+    """Uneven tie classes: the budget refinement drops the class with the lowest *mean* score
+    (as allocate.lowest_channels ranks them), not the one with the lowest sum."""
+    from kdprune.engine import ChannelGroup
+    from kdprune.engine.target import _step_down_tied
+
+    g = ChannelGroup(index=0, root="conv", dim="out", channels=6, members=(), sites=(),
+                     ties=((0, 1, 2, 3), (4, 5)))
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.5, 1.5])  # sums 4 vs 3, means 1 vs 1.5
+    assert _step_down_tied(g, scores, (), min_width=1, round_to=2) == (0, 1, 2, 3)

@@ -73,7 +73,7 @@ def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ..
 def _step_down_tied(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
                     round_to: int) -> tuple[int, ...] | None:
     gone = set(removed)
-    kept = sorted((c for c in group.ties if not gone & set(c)), key=lambda c: (float(scores[list(c)].sum()), c))
+    kept = sorted((c for c in group.ties if not gone & set(c)), key=lambda c: (float(scores[list(c)].mean()), c))
     for k in range(1, len(kept)):  # the fewest classes that land on a multiple of round_to
         out = gone.union(*kept[:k])
         width = group.channels - len(out)
