@@ -152,3 +152,17 @@ def test_the_validation_split_is_the_one_every_command_holds_out(tmp_path):
     assert torch.equal(data.val.images, held.images) and data.test is test
     seen = {tuple(x.flatten().tolist()) for x in data.train.images}
     assert len(data.train) == 64 and not seen & {tuple(x.flatten().tolist()) for x in held.images}
+
+
+def test_equal_wall_only_at_its_targets(tmp_path):
+    from kdprune.bench.run import EQUAL_EPOCHS, wall_runs
+
+    cfg = tiny_config(tmp_path, targets=[{"flops": 0.5}, {"flops": 0.25}],
+                      equal_wall={"reference": "tpm", "methods": ["l1"], "targets": [{"flops": 0.25}]})
+    lines = [{"method": m, "budget": EQUAL_EPOCHS, "target_metric": "flops", "target_value": v, "seed": 0,
+              "epochs": 1, "wall_s": w, "run": f"{m}-{v}"}
+             for m, w in (("l1", 10.0), ("tpm", 35.0)) for v in (0.5, 0.25)]
+    runs = wall_runs(cfg, lines, 0)
+    assert [(r.target.value, r.recipe.finetune.epochs) for r in runs] == [(0.25, 3)]
+    with pytest.raises(ValueError, match="is not a target of"):
+        tiny_config(tmp_path, equal_wall={"reference": "tpm", "methods": ["l1"], "targets": [{"flops": 0.3}]})

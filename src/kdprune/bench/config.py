@@ -60,10 +60,12 @@ class Budget:
 @dataclass(frozen=True)
 class EqualWall:
     """Equal wall time: each of ``methods`` (labels) also runs with as many fine-tune epochs as
-    fit in ``reference``'s measured wall time at the same target and seed."""
+    fit in ``reference``'s measured wall time at the same target and seed (at ``targets`` only,
+    when given: a slow reference makes these runs the costliest of a grid)."""
 
     reference: str
     methods: tuple[str, ...]
+    targets: tuple[Target, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,13 @@ def _targets(items: Any, where: str) -> tuple[Target, ...]:
     return tuple(out)
 
 
+def _equal_wall(d: Any, where: str) -> EqualWall:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected {{reference: LABEL, methods: [LABEL...], targets: [...]}}, got {d!r}")
+    ew = from_dict(EqualWall, {k: v for k, v in d.items() if k != "targets"}, where)
+    return replace(ew, targets=_targets(d["targets"], f"{where}.targets")) if "targets" in d else ew
+
+
 _METHOD_KEYS = {"label", "method", "recipe", "targets"}
 
 
@@ -217,6 +226,9 @@ def _check(cfg: BenchConfig, where: str) -> None:
         unknown = [lb for lb in (ew.reference, *ew.methods) if lb not in labels]
         if unknown:
             raise ValueError(f"{where}.equal_wall: no method labelled {unknown[0]!r}; labels: {', '.join(labels)}")
+        missing = [t for t in ew.targets or () if not any(t in cfg.targets_of(cfg.method(lb)) for lb in ew.methods)]
+        if missing:
+            raise ValueError(f"{where}.equal_wall.targets: {missing[0]} is not a target of {list(ew.methods)}")
         bad = [lb for lb in ew.methods if lb == ew.reference or "finetune" not in stage_names(cfg.method(lb).recipe)]
         if bad:
             raise ValueError(f"{where}.equal_wall: {bad} cannot be given more fine-tune epochs "
@@ -252,7 +264,7 @@ def config_from_dict(d: dict[str, Any], root: str | Path = ".", where: str = "be
         targets=_targets(d["targets"], f"{where}.targets"),
         methods=tuple(_method(m, budget, f"{where}.methods[{i}]") for i, m in enumerate(methods)),
         results=root / d["results"], runs=root / d["runs"], budget=budget,
-        equal_wall=from_dict(EqualWall, d["equal_wall"], f"{where}.equal_wall") if d.get("equal_wall") else None,
+        equal_wall=_equal_wall(d["equal_wall"], f"{where}.equal_wall") if d.get("equal_wall") else None,
         latency=from_dict(LatencySpec, d.get("latency") or {}, f"{where}.latency"),
         machine=d.get("machine"), progress=bool(d.get("progress", False)))
     _check(cfg, where)

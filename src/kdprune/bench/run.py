@@ -102,13 +102,16 @@ def _find(lines: list[dict], label: str, t: Target, seed: int) -> dict | None:
 def wall_runs(cfg: BenchConfig, lines: list[dict], seed: int) -> list[RunSpec]:
     """Equal wall time: each baseline fine-tunes for as many epochs as fit in the reference's
     measured wall time (from its own seconds per epoch), never fewer than at equal epochs; only
-    where both equal-epoch lines of this target and seed are in the results."""
+    at ``equal_wall.targets`` (all when None) and where both equal-epoch lines of this target and
+    seed are in the results."""
     ew, out = cfg.equal_wall, []
     if ew is None:
         return out
     for label in ew.methods:
         m = cfg.method(label)
         for t in cfg.targets_of(m):
+            if ew.targets is not None and t not in ew.targets:
+                continue
             ref, own = _find(lines, ew.reference, t, seed), _find(lines, label, t, seed)
             if ref is None or own is None:
                 continue
