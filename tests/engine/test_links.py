@@ -85,6 +85,26 @@ def test_pruned_equals_masked(make, seed):
         torch.testing.assert_close(model(X), ref(X), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda: ShuffleNet(3), MultiplierNet], ids=["g3", "mult"])
+def test_given_groups_spare_the_second_trace_and_cut_the_same(make, monkeypatch):
+    """apply_plan(groups=...) (what budget searches pass for every candidate copy) expands linked
+    groups from them without tracing again, and gives the same network and structure log."""
+    import copy
+
+    from kdprune.engine import prune
+
+    model = _model(make)
+    groups = channel_groups(model, X)
+    plan = random_plan(groups, 0)
+    ref, given = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(ref, X, plan)
+    monkeypatch.setattr(prune, "channel_groups", lambda *a, **k: pytest.fail("traced channel groups again"))
+    apply_plan(given, X, plan, groups)
+    assert ref.kdprune_structure.edits == given.kdprune_structure.edits
+    a, b = ref.state_dict(), given.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_multiplier_drops_whole_conv_groups():
     model = _model(MultiplierNet)
     (grp,) = [g for g in channel_groups(model, X) if g.root == "a.0"]

@@ -176,13 +176,19 @@ def _apply_edits(model: nn.Module, dg: tp.DependencyGraph | None, edits: Sequenc
         _prune_one(dg, model, edit, done)
 
 
-def apply_plan(model: nn.Module, example_input: torch.Tensor, plan: PruningPlan) -> None:
+def apply_plan(model: nn.Module, example_input: torch.Tensor, plan: PruningPlan,
+               groups: Sequence[ChannelGroup] | None = None) -> None:
     """Physically remove the planned channels in place (DepGraph, Fang et al. 2023) and record
-    one ``prune_channels`` edit per group in ``model.kdprune_structure``."""
+    one ``prune_channels`` edit per group in ``model.kdprune_structure``. ``groups``: the channel
+    groups the plan was made on (this model's, or an unedited copy's), so that linked groups are
+    not traced again (budget searches apply many plans to copies of one model)."""
     plan_items = [(root, idxs) for root, idxs in plan.items() if idxs]
     _check_unmasked(model)
     dg = build_graph(model, example_input) if plan_items else None
-    linked = _linked_groups(model, example_input, dg) if plan_items else {}
+    if groups is not None:
+        linked = {g.root: g for g in groups if g.parts}
+    else:
+        linked = _linked_groups(model, example_input, dg) if plan_items else {}
     edits = [prune_channels_edit(root, idxs, linked.get(root)) for root, idxs in plan_items]
     _apply_edits(model, dg, edits, one_plan=True)
     for edit in edits:

@@ -5,6 +5,7 @@ then the chosen plan is applied in place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping, Sequence
 
 import torch
@@ -129,7 +130,7 @@ def prune_to_target(
         raise ValueError(f"{target.metric} target {target.value} is unreachable in {type(model).__name__}: "
                          f"{coverage_summary(rows)}")
     all_scores = importance_scores(model, groups, importance, scores, seed)
-    meter = BudgetMeter(model, example_input, target, reference=reference)
+    meter = BudgetMeter(model, example_input, target, partial(apply_plan, groups=groups), reference=reference)
     legal = None
     if isinstance(widths, MeasuredWidths):
         table = width_table(widths, target.latency_backend, target.latency_batch) if target.latency is not None \
@@ -144,7 +145,7 @@ def prune_to_target(
         if isinstance(e, LatencyError):
             raise LatencyError(f"{e}; {coverage_summary(rows)}", e.fit, e.check) from None
         raise BudgetError(f"{e}; {coverage_summary(rows)}", e.fit) from None
-    apply_plan(model, example_input, fit.best.candidate)
+    apply_plan(model, example_input, fit.best.candidate, groups)
     achieved = fit.latency.measured if fit.latency is not None else fit.best.kept
     return PruneReport(target, achieved, fit.t, meter.dense, fit.best.complexity, fit.best.candidate,
                        mode, importance, meter.evaluations, widths, fit.latency, legal)

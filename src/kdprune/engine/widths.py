@@ -98,7 +98,7 @@ def _group_curve(model: nn.Module, x: torch.Tensor, group: ChannelGroup, scores:
     for w in widths:
         m = copy.deepcopy(model)
         if w < group.channels:
-            apply_plan(m, x, PruningPlan({group.root: lowest_channels(group, scores, group.channels - w)}))
+            apply_plan(m, x, PruningPlan({group.root: lowest_channels(group, scores, group.channels - w)}), [group])
         calls[w] = table.calls(m, x)
     table.lookup([c for cs in calls.values() for c in cs])  # every missing entry in one interleaved batch
     return {w: sum(table.lookup(cs)) for w, cs in calls.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -195,7 +196,8 @@ class CascadePruner(Callback):
         if target.latency is not None and self.latency is None:
             table = shared_table(target.latency_backend, target.latency_batch)
             self.latency = LatencyModel(self.skeleton, self.x, table)
-        return BudgetMeter(self.skeleton, self.x, target, latency=self.latency)
+        return BudgetMeter(self.skeleton, self.x, target, partial(apply_plan, groups=self.groups),
+                           latency=self.latency)
 
     def _fit(self, scores: dict[str, Tensor], forced: dict[str, set[int]], goal: float, final: bool,
              student: bool = False) -> tuple[dict[str, set[int]], float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -174,8 +175,9 @@ def keep_to_plan(keep: Mapping[str, torch.Tensor]) -> PruningPlan:
     return PruningPlan({r: (~k).nonzero().flatten().tolist() for r, k in keep.items() if not k.all()})
 
 
-def _apply_keep(model: nn.Module, x: torch.Tensor, keep: Mapping[str, torch.Tensor]) -> None:
-    apply_plan(model, x, keep_to_plan(keep))
+def _apply_keep(groups: Sequence[ChannelGroup], model: nn.Module, x: torch.Tensor,
+                keep: Mapping[str, torch.Tensor]) -> None:
+    apply_plan(model, x, keep_to_plan(keep), groups)
 
 
 def _keep_key(keep: Mapping[str, torch.Tensor]) -> tuple:
@@ -194,7 +196,8 @@ class SDAPController:
         metric = "flops" if target.metric == "latency" else target.metric  # latency: ranked by FLOPs share
         costs = channel_costs(skeleton, self.groups, metric, example_input) if weight_by_cost else None
         self.weights = costs or {g.root: torch.ones(g.channels, dtype=torch.float64) for g in self.groups}
-        self.meter = BudgetMeter(skeleton, example_input, target, _apply_keep, _keep_key, max_cache=4096)
+        self.meter = BudgetMeter(skeleton, example_input, target, partial(_apply_keep, self.groups), _keep_key,
+                                 max_cache=4096)
         self.dense_complexity = self.meter.dense
         self.dense = float(getattr(self.dense_complexity, metric))
 
