@@ -263,6 +263,7 @@ def _run_specs(b: _Bench, specs: Sequence[RunSpec]) -> None:
     for spec in specs:
         if b.done(spec.tag):
             continue
+        print(f"kdprune bench: {spec.tag}: started {time.strftime('%H:%M:%S')}", flush=True)
         line = b.record(_run_line(b, spec))
         _say(b, spec.tag, line.get("top1"), line.get("flops_kept"), line.get("wall_s"))
         if spec.budget == EQUAL_EPOCHS and line.get("epochs") not in (None, b.cfg.budget.epochs):
