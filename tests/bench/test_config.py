@@ -44,6 +44,7 @@ def test_kd_pays_profile_gives_every_run_six_epochs():
     assert not cfg.method("kesi-single").recipe.include_snapshots
     assert cfg.method("pfec").recipe.retrain_config().optimizer.lr == 1e-3  # PFEC's constant small lr
     assert isinstance(cfg.method("sdap-uniform").recipe.mode, kp.engine.Uniform)
+    assert cfg.method("sdap").recipe.remove_early and not cfg.method("sdap-gated").recipe.remove_early
 
 
 def test_partial_recipe_merges_over_budget_over_defaults():
