@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
-from functools import partial
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
