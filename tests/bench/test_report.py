@@ -83,3 +83,8 @@ def test_no_results_is_a_clear_error(tmp_path):
                             "methods": [{"label": "l1", "method": "l1"}]}, root=tmp_path)
     with pytest.raises(FileNotFoundError, match="no results yet"):
         write_report(cfg)
+
+
+def test_resumed_runs_are_flagged_as_lower_bound_walls():
+    rows = aggregate([_line("l1-flops0.5-s0", "l1", 88.0, resumed=True), _line("l1-flops0.5-s1", "l1", 89.0)])
+    assert rows[0]["note"] == "1 resumed: wall is a lower bound"

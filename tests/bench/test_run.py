@@ -166,3 +166,17 @@ def test_equal_wall_only_at_its_targets(tmp_path):
     assert [(r.target.value, r.recipe.finetune.epochs) for r in runs] == [(0.25, 3)]
     with pytest.raises(ValueError, match="is not a target of"):
         tiny_config(tmp_path, equal_wall={"reference": "tpm", "methods": ["l1"], "targets": [{"flops": 0.3}]})
+
+
+def test_a_resumed_run_counts_the_epochs_of_the_killed_process(tmp_path):
+    from kdprune.bench.run import _earlier_seconds
+
+    out = tmp_path / "run"
+    for stage, times in (("sparse", [10.0, 12.0]), ("finetune", [5.5])):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "epoch_time_s": t}) + "\n"
+                                                           for i, t in enumerate(times)))
+    assert _earlier_seconds(out) == 27.5
+    (out / "report.json").write_text("{}")  # finished before its line was written: its report has it all
+    assert _earlier_seconds(out) == 0.0
+    assert _earlier_seconds(tmp_path / "fresh") == 0.0

@@ -67,8 +67,12 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
                params_kept=round(statistics.fmean(r["params_kept"] for r in ok), 4),
                epochs="/".join(str(e) for e in sorted({r.get("epochs") for r in ok})),
                wall_s=round(statistics.fmean(r["wall_s"] for r in ok)) if all("wall_s" in r for r in ok) else None)
-    if len(ok) < len(lines):
-        row["note"] = f"{len(lines) - len(ok)} failed run(s)"
+    notes = [f"{len(lines) - len(ok)} failed run(s)"] if len(ok) < len(lines) else []
+    resumed = sum(1 for r in ok if r.get("resumed"))
+    if resumed:  # a resumed run's wall time misses what the killed process spent outside its epochs
+        notes.append(f"{resumed} resumed: wall is a lower bound")
+    if notes:
+        row["note"] = "; ".join(notes)
     return row
 
 

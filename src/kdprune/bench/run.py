@@ -124,9 +124,22 @@ def wall_runs(cfg: BenchConfig, lines: list[dict], seed: int) -> list[RunSpec]:
     return out
 
 
+def _epoch_rows(out: Path) -> list[dict[str, Any]]:
+    """The epoch rows every training stage of a run logged (its metrics.jsonl files), resumes included."""
+    return [json.loads(s) for p in sorted(out.rglob("metrics.jsonl")) for s in p.read_text().splitlines() if s.strip()]
+
+
 def _epochs_trained(out: Path) -> int:
-    """Epochs every training stage of a run logged (its metrics.jsonl files), resumes included."""
-    return sum(1 for p in out.rglob("metrics.jsonl") for s in p.read_text().splitlines() if s.strip())
+    """Epochs every training stage of a run logged, resumes included."""
+    return len(_epoch_rows(out))
+
+
+def _earlier_seconds(out: Path) -> float:
+    """Training seconds a killed earlier process spent on this run: its logged epochs (what it spent
+    pruning, searching and on the unfinished epoch is lost, so a resumed wall time is a lower bound)."""
+    if (out / "report.json").is_file():  # finished before its line was written: its report has it all
+        return 0.0
+    return float(sum(r.get("epoch_time_s", 0.0) for r in _epoch_rows(out))) if out.is_dir() else 0.0
 
 
 class _Bench:
@@ -217,6 +230,7 @@ def _run_line(b: _Bench, spec: RunSpec) -> dict[str, Any]:
     if spec.reference is not None:
         line["reference"] = spec.reference
     _claim(out, spec)
+    earlier_s = _earlier_seconds(out)
     try:
         rep, model = _compress(b, spec, out)
     except ValueError as e:  # an unreachable target (BudgetError) is a result too: the row says why
@@ -225,8 +239,11 @@ def _run_line(b: _Bench, spec: RunSpec) -> dict[str, Any]:
     test = b.test_top1(model)
     line.update(epochs=_epochs_trained(out), top1=after["top1"] if test is None else test,
                 flops_kept=round(after["flops"] / before["flops"], 4),
-                params_kept=round(after["params"] / before["params"], 4), wall_s=round(rep["wall_time_s"], 1),
-                base_top1=b.base_top1, resumed=resumed, config=rep["recipe"])
+                params_kept=round(after["params"] / before["params"], 4),
+                wall_s=round(rep["wall_time_s"] + earlier_s, 1), base_top1=b.base_top1, resumed=resumed,
+                config=rep["recipe"])
+    if earlier_s:
+        line["wall_earlier_s"] = round(earlier_s, 1)  # included in wall_s: epochs of the killed process
     if test is not None:
         line["val_top1"] = after["top1"]
     return line
