@@ -177,6 +177,32 @@ def test_a_resumed_run_counts_the_epochs_of_the_killed_process(tmp_path):
         (out / stage / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "epoch_time_s": t}) + "\n"
                                                            for i, t in enumerate(times)))
     assert _earlier_seconds(out) == 27.5
-    (out / "report.json").write_text("{}")  # finished before its line was written: its report has it all
+    (out / "report.json").write_text("{}")  # a report without the saved model: the run is not reused
+    assert _earlier_seconds(out) == 27.5
+    (out / "model").mkdir()
+    (out / "model" / "structure.json").write_text("{}")  # finished before its line: reused, its report has it all
     assert _earlier_seconds(out) == 0.0
     assert _earlier_seconds(tmp_path / "fresh") == 0.0
+
+
+def test_a_resumed_control_counts_the_epochs_of_the_killed_process(tmp_path, monkeypatch):
+    """The dense control resumes from its checkpoint and adds the killed process's epoch seconds,
+    as a resumed compress run does."""
+    from kdprune.training import loop
+
+    cfg = tiny_config(tmp_path, seeds=[0], budget={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2,
+                                                   "threads": 1})
+    real_write = loop._write_epoch
+
+    def write_then_die(*args, **kw):
+        real_write(*args, **kw)
+        raise KeyboardInterrupt("killed after the first epoch")
+
+    monkeypatch.setattr(loop, "_write_epoch", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, data=tiny_data(), only=["control"])
+    rows = [json.loads(s) for s in (cfg.runs / "control-e2-s0" / "metrics.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(loop, "_write_epoch", real_write)
+    (line,) = [r for r in run_bench(cfg, data=tiny_data(), only=["control"]) if r["run"] == "control-e2-s0"]
+    assert line["resumed"] and line["epochs"] == 2
+    assert line["wall_earlier_s"] == round(rows[0]["epoch_time_s"], 1) and line["wall_s"] >= line["wall_earlier_s"]

@@ -134,10 +134,15 @@ def _epochs_trained(out: Path) -> int:
     return len(_epoch_rows(out))
 
 
+def _finished(out: Path) -> bool:
+    """The run finished before its line was written: its report and its saved model are on disk."""
+    return (out / "report.json").is_file() and (out / "model" / "structure.json").is_file()
+
+
 def _earlier_seconds(out: Path) -> float:
     """Training seconds a killed earlier process spent on this run: its logged epochs (what it spent
     pruning, searching and on the unfinished epoch is lost, so a resumed wall time is a lower bound)."""
-    if (out / "report.json").is_file():  # finished before its line was written: its report has it all
+    if _finished(out):  # it is reused as it is: its report's wall time has it all
         return 0.0
     return float(sum(r.get("epoch_time_s", 0.0) for r in _epoch_rows(out))) if out.is_dir() else 0.0
 
@@ -215,7 +220,7 @@ def _claim(out: Path, spec: RunSpec) -> None:
 
 def _compress(b: _Bench, spec: RunSpec, out: Path) -> tuple[dict, nn.Module]:
     """The run's report and model: reused when the run finished before its line was written."""
-    if (out / "report.json").is_file() and (out / "model" / "structure.json").is_file():
+    if _finished(out):
         return json.loads((out / "report.json").read_text()), load_pruned(out / "model")
     res = compress(b.base, spec.recipe, b.data.train, b.data.val, out_dir=out, resume=True,
                    progress=b.cfg.progress, latency=False)
@@ -260,12 +265,14 @@ def _control(b: _Bench, seed: int) -> None:
     tc = configure_stage(ft, seed, budget, cfg.progress)
     out, start = cfg.runs / tag, time.perf_counter()
     resumed = (out / "checkpoint.pt").is_file()
+    earlier_s = _earlier_seconds(out)  # as a resumed compress run counts them
     res = train(copy.deepcopy(b.base), b.data.train, b.data.val, tc, out_dir=out, resume=resumed)
     top1 = evaluate(res.model, b.data.test)["top1"]
-    b.record({"run": tag, "method": CONTROL_LABEL, "recipe": "dense", "budget": EQUAL_EPOCHS, "seed": seed,
-              "epochs": _epochs_trained(out), "top1": top1, "flops_kept": 1.0, "params_kept": 1.0,
-              "wall_s": round(time.perf_counter() - start, 1), "base_top1": b.base_top1, "resumed": resumed,
-              "config": to_tagged_dict(tc)})
+    line = {"run": tag, "method": CONTROL_LABEL, "recipe": "dense", "budget": EQUAL_EPOCHS, "seed": seed,
+            "epochs": _epochs_trained(out), "top1": top1, "flops_kept": 1.0, "params_kept": 1.0,
+            "wall_s": round(time.perf_counter() - start + earlier_s, 1), "base_top1": b.base_top1,
+            "resumed": resumed, "config": to_tagged_dict(tc)}
+    b.record({**line, "wall_earlier_s": round(earlier_s, 1)} if earlier_s else line)
     _say(b, tag, top1, 1.0, b.new[-1]["wall_s"])
 
 
