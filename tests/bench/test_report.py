@@ -88,3 +88,20 @@ def test_no_results_is_a_clear_error(tmp_path):
 def test_resumed_runs_are_flagged_as_lower_bound_walls():
     rows = aggregate([_line("l1-flops0.5-s0", "l1", 88.0, resumed=True), _line("l1-flops0.5-s1", "l1", 89.0)])
     assert rows[0]["note"] == "1 resumed: wall is a lower bound"
+
+
+def test_val_top1_is_shown_beside_the_test_when_the_runs_held_a_split_out(tmp_path):
+    held = [dict(r, val_top1=r["top1"] - 1) if r.get("top1") is not None else r for r in LINES]
+    rows = {(r["method"], r["budget"], r["target"]): r for r in aggregate(held)}
+    assert rows[("l1", "equal epochs", "flops 0.5")]["val_top1"] == "87.50 ± 0.71"
+    assert rows[("dense base", "", "-")]["val_top1"] == "89.00"
+    assert "val_top1" not in rows[("x", "equal epochs", "flops 0.5")]  # failed: nothing to show
+    mixed = [dict(held[1]), LINES[2]]  # one seed without a split: no mean over part of the seeds
+    assert "val_top1" not in aggregate(mixed)[0]
+    cfg = _cfg(tmp_path)
+    cfg.results.write_text("".join(json.dumps(r) + "\n" for r in held))
+    md = write_report(cfg, latency=False).markdown
+    assert "| test top-1 % | vs base | val top-1 % | FLOPs kept |" in md
+    assert "| 88.50 ± 0.71 (2) | -1.50 | 87.50 ± 0.71 |" in md
+    cfg.results.write_text("".join(json.dumps(r) + "\n" for r in LINES))
+    assert "val top-1" not in write_report(cfg, latency=False).markdown

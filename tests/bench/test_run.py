@@ -31,6 +31,7 @@ def test_every_run_appends_one_line(finished):
                     "l1-flops0.5-s1", "tpm-flops0.5-s1", "control-e1-s1", "l1-wall-tpm-flops0.5-s1"]
     base = lines[0]
     assert base["input_shape"] == [1, 8, 8] and (base["train_images"], base["val_images"]) == (64, 16)
+    assert 0 <= base["val_top1"] <= 100
     for r in lines:
         assert {"commit", "machine", "command", "versions", "date"} <= set(r) and r["command"] == "pytest bench"
         assert r["versions"]["torch_pruning"] == "1.6.0"
@@ -58,6 +59,7 @@ def test_control_and_equal_wall_lines(finished):
     for s in (0, 1):
         ctl, wall = lines[f"control-e1-s{s}"], lines[f"l1-wall-tpm-flops0.5-s{s}"]
         assert ctl["method"] == "dense + same epochs" and ctl["epochs"] == 1 and ctl["flops_kept"] == 1.0
+        assert 0 <= ctl["val_top1"] <= 100  # the held-out split, as every compress run reports it
         assert wall["budget"] == "equal wall" and wall["reference"]["run"] == f"tpm-flops0.5-s{s}"
         own = lines[f"l1-flops0.5-s{s}"]
         per_epoch = own["wall_s"] / own["epochs"]

@@ -67,6 +67,10 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
                params_kept=round(statistics.fmean(r["params_kept"] for r in ok), 4),
                epochs="/".join(str(e) for e in sorted({r.get("epochs") for r in ok})),
                wall_s=round(statistics.fmean(r["wall_s"] for r in ok)) if all("wall_s" in r for r in ok) else None)
+    vals = [r["val_top1"] for r in ok if r.get("val_top1") is not None]
+    if len(vals) == len(ok):  # the held-out split every choice is read off (the test is only reported)
+        vm, vs = _stats(vals)
+        row.update(val_mean=vm, val_top1=f"{vm:.2f} ± {vs:.2f}" if len(vals) > 1 else f"{vm:.2f}")
     notes = [f"{len(lines) - len(ok)} failed run(s)"] if len(ok) < len(lines) else []
     resumed = sum(1 for r in ok if r.get("resumed"))
     if resumed:  # a resumed run's wall time misses what the killed process spent outside its epochs
@@ -201,6 +205,9 @@ _COLUMNS = {"method": "method", "recipe": "recipe", "budget": "budget", "target"
 
 def _markdown(cfg: BenchConfig, rows: list[dict], lines: list[dict], stored: dict, plots: list[Path]) -> str:
     cols = dict(_COLUMNS)
+    if any("val_top1" in r for r in rows):  # beside the test columns: the split choices are read off
+        items, at = list(cols.items()), list(cols).index("delta") + 1
+        cols = dict(items[:at] + [("val_top1", "val top-1 %")] + items[at:])
     for b in cfg.latency.batch_sizes:
         if any(f"lat_bs{b}_ms" in r for r in rows):
             cols.update({f"lat_bs{b}_ms": f"CPU ms bs{b}", f"speedup_bs{b}": f"speed-up bs{b}"})
