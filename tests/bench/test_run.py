@@ -208,3 +208,11 @@ def test_a_resumed_control_counts_the_epochs_of_the_killed_process(tmp_path, mon
     (line,) = [r for r in run_bench(cfg, data=tiny_data(), only=["control"]) if r["run"] == "control-e2-s0"]
     assert line["resumed"] and line["epochs"] == 2
     assert line["wall_earlier_s"] == round(rows[0]["epoch_time_s"], 1) and line["wall_s"] >= line["wall_earlier_s"]
+
+
+def test_seeds_runs_only_those_of_the_config(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match=r"--seeds \[7\]: not seeds of tiny; choose from \[0, 1\]"):
+        run_bench(cfg, data=tiny_data(), only=["tpm"], seeds=[7])
+    new = run_bench(cfg, data=tiny_data(), only=["tpm"], seeds=[1])
+    assert [r["run"] for r in new] == ["dense-base", "tpm-flops0.5-s1"]

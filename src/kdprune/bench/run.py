@@ -311,19 +311,29 @@ def _selected(cfg: BenchConfig, only: Sequence[str] | None) -> set[str]:
     return chosen
 
 
+def _seeds(cfg: BenchConfig, seeds: Sequence[int] | None) -> list[int]:
+    if seeds is None:
+        return list(cfg.seeds)
+    unknown = sorted(set(seeds) - set(cfg.seeds))
+    if unknown:
+        raise ValueError(f"--seeds {unknown}: not seeds of {cfg.name}; choose from {list(cfg.seeds)}")
+    return [s for s in cfg.seeds if s in seeds]
+
+
 def run_bench(cfg: BenchConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
-              only: Sequence[str] | None = None, command: str | None = None) -> list[dict[str, Any]]:
+              only: Sequence[str] | None = None, command: str | None = None,
+              seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Run every grid run whose line is not in ``cfg.results`` yet (``only``: these labels, and
-    ``control``), seed by seed; ``data`` = (train, test) replaces the named data set. Returns the
-    lines appended."""
+    ``control``; ``seeds``: these of the config's seeds), seed by seed; ``data`` = (train, test)
+    replaces the named data set. Returns the lines appended."""
     import torch
 
-    chosen = _selected(cfg, only)
+    chosen, order = _selected(cfg, only), _seeds(cfg, seeds)
     if cfg.budget.threads:
         torch.set_num_threads(cfg.budget.threads)
     b = _Bench(cfg, prepare_data(cfg, data), command or "python " + " ".join(sys.argv))
     _base_line(b)
-    for seed in cfg.seeds:
+    for seed in order:
         _run_specs(b, [s for s in grid(cfg, seed) if s.label in chosen])
         if CONTROL in chosen:
             _control(b, seed)

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="bench YAML, e.g. benchmarks/quick.yaml")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these method labels (and `control` for the dense + same-epochs control)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="run only these of the config's seeds (e.g. ablations on seed 0 first)")
     p.add_argument("--report-only", action="store_true", help="run nothing: table and plots from the JSONL")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config's budget.threads)")
     p.add_argument("--no-latency", action="store_true",
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         cfg = cfg.with_threads(args.threads)
     if not args.report_only:
-        run_bench(cfg, only=args.only, command=" ".join(["kdprune", *sys.argv[1:]]))
+        run_bench(cfg, only=args.only, seeds=args.seeds, command=" ".join(["kdprune", *sys.argv[1:]]))
     rep = write_report(cfg, latency=not args.no_latency)
     print(rep.markdown)
     print(f"wrote {rep.table}" + "".join(f", {p}" for p in rep.plots))
