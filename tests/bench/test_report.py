@@ -47,6 +47,8 @@ def test_rows_mean_std_base_control_and_failures():
     assert l1["runs"] == ["l1-flops0.5-s0", "l1-flops0.5-s1"]
     assert rows[3]["note"].startswith("failed: flops target 0.5 is unreachable") and rows[3]["n"] == 0
     assert rows[1]["top1"] == "91.00"
+    racing = [LINES[0], dict(LINES[0], command="the other process"), *LINES[1:]]  # both wrote the base line
+    assert aggregate(racing)[0]["top1"] == "90.00" and aggregate(racing)[0]["n"] == 1
 
 
 def test_table_and_plots_from_the_jsonl(tmp_path, capsys):

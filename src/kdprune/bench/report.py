@@ -80,11 +80,22 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
     return row
 
 
+def _first_per_run(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per run tag, the first: two bench processes started together both write the base's."""
+    seen: set[Any] = set()
+    out = []
+    for r in lines:
+        if r.get("run") not in seen:
+            seen.add(r.get("run"))
+            out.append(r)
+    return out
+
+
 def aggregate(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Table rows: the dense base, the controls (by epochs), then one row per method, budget and
-    target (targets in first-seen order, methods in grid order)."""
+    target (targets in first-seen order, methods in grid order); a run's repeated line counts once."""
     groups: dict[tuple, list[dict]] = {}
-    for r in lines:
+    for r in _first_per_run(lines):
         control = r["method"] == CONTROL_LABEL  # one row per epoch count
         key = (r["method"], f"same epochs ({r.get('epochs')})", None, None) if control else group_key(r)
         groups.setdefault(key, []).append(r)

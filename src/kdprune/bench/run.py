@@ -176,10 +176,6 @@ class _Bench:
         same = self.data.val is self.data.test
         return None if same else evaluate(model, self.data.test)["top1"]
 
-    def val_top1(self, model: nn.Module) -> float | None:
-        """Top-1 on the held-out split, or None when there is none (the val set is the test set)."""
-        return None if self.data.val is self.data.test else evaluate(model, self.data.val)["top1"]
-
     def record(self, line: dict[str, Any]) -> dict[str, Any]:
         line = {**line, **provenance(self.machine, self.command)}
         append_line(self.cfg.results, line)
@@ -187,18 +183,23 @@ class _Bench:
         return line
 
 
+def _with_val(b: _Bench, line: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``line`` plus the model's top-1 on the held-out split, when there is one (not the test set)."""
+    return line if b.data.val is b.data.test else {**line, "val_top1": evaluate(model, b.data.val)["top1"]}
+
+
 def _base_line(b: _Bench) -> None:
     if b.done(BASE_RUN):
         return
     x = infer_example_input(b.data.train)
     c = complexity(b.base, example_input=x)
-    val = b.val_top1(b.base)
-    b.record({"run": BASE_RUN, "method": BASE_LABEL, "recipe": "dense", "budget": "", "epochs": 0,
-              "top1": b.base_top1, **({} if val is None else {"val_top1": val}), "flops_kept": 1.0,
-              "params_kept": 1.0, "flops": c.flops, "params": c.params,
-              "input_shape": list(x.shape[1:]), "data": b.data.train.name or b.cfg.data.name,
-              "train_images": len(b.data.train),
-              "val_images": 0 if b.data.val is b.data.test else len(b.data.val), "test_images": len(b.data.test)})
+    b.record(_with_val(b, {
+        "run": BASE_RUN, "method": BASE_LABEL, "recipe": "dense", "budget": "", "epochs": 0, "top1": b.base_top1,
+        "flops_kept": 1.0, "params_kept": 1.0, "flops": c.flops, "params": c.params,
+        "input_shape": list(x.shape[1:]), "data": b.data.train.name or b.cfg.data.name,
+        "train_images": len(b.data.train),
+        "val_images": 0 if b.data.val is b.data.test else len(b.data.val), "test_images": len(b.data.test)},
+        b.base))
 
 
 _RUN_FILE = "bench_run.json"
@@ -274,12 +275,13 @@ def _control(b: _Bench, seed: int) -> None:
     earlier_s = _earlier_seconds(out)  # as a resumed compress run counts them
     res = train(copy.deepcopy(b.base), b.data.train, b.data.val, tc, out_dir=out, resume=resumed)
     top1 = evaluate(res.model, b.data.test)["top1"]
-    val = b.val_top1(res.model)
     line = {"run": tag, "method": CONTROL_LABEL, "recipe": "dense", "budget": EQUAL_EPOCHS, "seed": seed,
-            "epochs": _epochs_trained(out), "top1": top1, **({} if val is None else {"val_top1": val}), "flops_kept": 1.0, "params_kept": 1.0,
+            "epochs": _epochs_trained(out), "top1": top1, "flops_kept": 1.0, "params_kept": 1.0,
             "wall_s": round(time.perf_counter() - start + earlier_s, 1), "base_top1": b.base_top1,
             "resumed": resumed, "config": to_tagged_dict(tc)}
-    b.record({**line, "wall_earlier_s": round(earlier_s, 1)} if earlier_s else line)
+    if earlier_s:
+        line["wall_earlier_s"] = round(earlier_s, 1)
+    b.record(_with_val(b, line, res.model))
     _say(b, tag, top1, 1.0, b.new[-1]["wall_s"])
 
 
