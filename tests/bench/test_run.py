@@ -216,3 +216,10 @@ def test_seeds_runs_only_those_of_the_config(tmp_path):
         run_bench(cfg, data=tiny_data(), only=["tpm"], seeds=[7])
     new = run_bench(cfg, data=tiny_data(), only=["tpm"], seeds=[1])
     assert [r["run"] for r in new] == ["dense-base", "tpm-flops0.5-s1"]
+
+
+def test_equal_wall_runs_can_wait_for_a_later_call(tmp_path):
+    cfg = tiny_config(tmp_path, seeds=[0], equal_wall={"reference": "tpm", "methods": ["l1"]})
+    first = run_bench(cfg, data=tiny_data(), equal_wall=False)
+    assert [r["run"] for r in first] == ["dense-base", "l1-flops0.5-s0", "tpm-flops0.5-s0", "control-e1-s0"]
+    assert [r["run"] for r in run_bench(cfg, data=tiny_data())] == ["l1-wall-tpm-flops0.5-s0"]

@@ -324,10 +324,11 @@ def _seeds(cfg: BenchConfig, seeds: Sequence[int] | None) -> list[int]:
 
 def run_bench(cfg: BenchConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
               only: Sequence[str] | None = None, command: str | None = None,
-              seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+              seeds: Sequence[int] | None = None, equal_wall: bool = True) -> list[dict[str, Any]]:
     """Run every grid run whose line is not in ``cfg.results`` yet (``only``: these labels, and
-    ``control``; ``seeds``: these of the config's seeds), seed by seed; ``data`` = (train, test)
-    replaces the named data set. Returns the lines appended."""
+    ``control``; ``seeds``: these of the config's seeds; ``equal_wall=False``: not the equal-wall
+    runs, left to a later call), seed by seed; ``data`` = (train, test) replaces the named data
+    set. Returns the lines appended."""
     import torch
 
     chosen, order = _selected(cfg, only), _seeds(cfg, seeds)
@@ -339,6 +340,6 @@ def run_bench(cfg: BenchConfig, data: tuple[ImageDataset, ImageDataset] | None =
         _run_specs(b, [s for s in grid(cfg, seed) if s.label in chosen])
         if CONTROL in chosen:
             _control(b, seed)
-        lines = b.lines
-        _run_specs(b, [s for s in wall_runs(cfg, lines, seed) if s.label in chosen])
+        if equal_wall:
+            _run_specs(b, [s for s in wall_runs(cfg, b.lines, seed) if s.label in chosen])
     return b.new

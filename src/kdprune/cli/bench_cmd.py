@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
                    help="run only these method labels (and `control` for the dense + same-epochs control)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="run only these of the config's seeds (e.g. ablations on seed 0 first)")
+    p.add_argument("--no-equal-wall", action="store_true",
+                   help="skip the equal-wall runs (the equal-epochs grid first; a later call runs them)")
     p.add_argument("--report-only", action="store_true", help="run nothing: table and plots from the JSONL")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config's budget.threads)")
     p.add_argument("--no-latency", action="store_true",
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         cfg = cfg.with_threads(args.threads)
     if not args.report_only:
-        run_bench(cfg, only=args.only, seeds=args.seeds, command=" ".join(["kdprune", *sys.argv[1:]]))
+        run_bench(cfg, only=args.only, seeds=args.seeds, equal_wall=not args.no_equal_wall,
+                  command=" ".join(["kdprune", *sys.argv[1:]]))
     rep = write_report(cfg, latency=not args.no_latency)
     print(rep.markdown)
     print(f"wrote {rep.table}" + "".join(f", {p}" for p in rep.plots))
