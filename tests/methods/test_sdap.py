@@ -13,7 +13,7 @@ import kdprune as kp
 from kdprune.cli.compress_cmd import methods
 from kdprune.training.config_io import from_dict, to_tagged_dict
 from kdprune.distill import CETask, KDTask
-from kdprune.engine import ChannelGroup, Member, Uniform, apply_plan, channel_groups, fold_gates_into_bn
+from kdprune.engine import ChannelGroup, Global, Member, Uniform, apply_plan, channel_groups, fold_gates_into_bn
 from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import (
@@ -69,7 +69,7 @@ def test_ramp_follows_cubic_formula():
     assert cubic_rate(50, 100, 0.6) == pytest.approx(0.6 * (1 - 0.5 ** 3))
     assert cubic_rate(25, 100, 0.6) == pytest.approx(0.6 * (1 - 0.75 ** 3))
     assert cubic_rate(100, 100, 0.6) == cubic_rate(170, 100, 0.6) == cubic_rate(3, 0, 0.6) == 0.6
-    masks, cb = prepare(_net(), SDAP(target_params=0.4, ramp_epochs=1.5), X)
+    masks, cb = prepare(_net(), SDAP(target_params=0.4, ramp_epochs=1.5, mode=Global()), X)
     assert cb.ramp_steps(_state()) == 6 and cb.ramp_steps(_state(epochs=1)) == 4  # clamped to the run
     cb.p_final = 0.4
     w = cb.ctl.weights
@@ -147,7 +147,7 @@ def test_fold_equals_gated_and_masked_equals_pruned(toy_data):
 
 
 @pytest.mark.parametrize("recipe, factory", [
-    (SDAP(target_flops=0.5, finetune=FT), TinyNet32),
+    (SDAP(target_flops=0.5, finetune=FT, mode=Global()), TinyNet32),
     (SDAP(target_params=0.4, finetune=FT, gate_l1=1e-3), TinyNet32),
     (SDAP(target_flops=0.5, finetune=FT, mode=Uniform()), TinyNet32),
     (SDAP(target_params=0.5, finetune=FT, ramp_epochs=1), MiniResB),
@@ -246,6 +246,7 @@ def test_alpha_zero_uses_no_teacher(toy_data):
 
 def test_recipe_registration_validation_and_json():
     assert kp.recipes.SDAP is SDAP and methods()["sdap"] is SDAP
+    assert SDAP(target_params=0.25).mode == Uniform()  # chosen on the held-out split (docs/methods/sdap.md)
     r = SDAP(target_params=0.3, ramp_epochs=2.5, mode=Uniform(), weight_by_cost=False)
     assert from_dict(SDAP, json.loads(json.dumps(to_tagged_dict(r)))) == r
     for bad in ({"mode": "layer"}, {"alpha": 1.5}, {"round_to": 8}, {"ramp_epochs": -1}, {"min_width": 0}):
