@@ -70,7 +70,7 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
     vals = [r["val_top1"] for r in ok if r.get("val_top1") is not None]
     if len(vals) == len(ok):  # the held-out split every choice is read off (the test is only reported)
         vm, vs = _stats(vals)
-        row.update(val_mean=vm, val_top1=f"{vm:.2f} ± {vs:.2f}" if len(vals) > 1 else f"{vm:.2f}")
+        row["val_top1"] = f"{vm:.2f} ± {vs:.2f}" if len(vals) > 1 else f"{vm:.2f}"
     notes = [f"{len(lines) - len(ok)} failed run(s)"] if len(ok) < len(lines) else []
     resumed = sum(1 for r in ok if r.get("resumed"))
     if resumed:  # a resumed run's wall time misses what the killed process spent outside its epochs

@@ -40,6 +40,11 @@ class BenchData(NamedTuple):
     val: ImageDataset
     test: ImageDataset
 
+    @property
+    def held_out(self) -> bool:
+        """A split was held out of the training images (val is not the test set)."""
+        return self.val is not self.test
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -173,8 +178,7 @@ class _Bench:
 
     def test_top1(self, model: nn.Module) -> float | None:
         """Test top-1, or None when the test set is the val set (compress already measured it)."""
-        same = self.data.val is self.data.test
-        return None if same else evaluate(model, self.data.test)["top1"]
+        return evaluate(model, self.data.test)["top1"] if self.data.held_out else None
 
     def record(self, line: dict[str, Any]) -> dict[str, Any]:
         line = {**line, **provenance(self.machine, self.command)}
@@ -185,7 +189,7 @@ class _Bench:
 
 def _with_val(b: _Bench, line: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """``line`` plus the model's top-1 on the held-out split, when there is one (not the test set)."""
-    return line if b.data.val is b.data.test else {**line, "val_top1": evaluate(model, b.data.val)["top1"]}
+    return {**line, "val_top1": evaluate(model, b.data.val)["top1"]} if b.data.held_out else line
 
 
 def _base_line(b: _Bench) -> None:
@@ -198,7 +202,7 @@ def _base_line(b: _Bench) -> None:
         "flops_kept": 1.0, "params_kept": 1.0, "flops": c.flops, "params": c.params,
         "input_shape": list(x.shape[1:]), "data": b.data.train.name or b.cfg.data.name,
         "train_images": len(b.data.train),
-        "val_images": 0 if b.data.val is b.data.test else len(b.data.val), "test_images": len(b.data.test)},
+        "val_images": len(b.data.val) if b.data.held_out else 0, "test_images": len(b.data.test)},
         b.base))
 
 

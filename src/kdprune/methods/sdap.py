@@ -192,7 +192,7 @@ class SDAPController:
     by the engine's budget service on a gate-free copy (memoised per plan)."""
 
     def __init__(self, skeleton: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor,
-                 target: Target, mode: Allocation = Global(), min_width: int = 1,
+                 target: Target, mode: Allocation, min_width: int = 1,
                  weight_by_cost: bool = True) -> None:
         self.skeleton, self.groups, self.x, self.target = skeleton, list(groups), example_input, target
         self.mode, self.min_width = mode, min_width
