@@ -51,6 +51,14 @@ def test_rows_mean_std_base_control_and_failures():
     assert aggregate(racing)[0]["top1"] == "90.00" and aggregate(racing)[0]["n"] == 1
 
 
+def test_rows_follow_the_config_order_equal_wall_after_equal_epochs():
+    lines = [_line("l1-wall-kd-flops0.5-s0", "l1", 89.5, budget="equal wall"), _line("z-flops0.5-s0", "z", 87.0),
+             _line("l1-flops0.5-s0", "l1", 88.0), _line("kd-flops0.5-s0", "kd", 89.0)]
+    rows = aggregate(lines, ["kd", "l1"])
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("kd", "equal epochs"), ("l1", "equal epochs"), ("z", "equal epochs"), ("l1", "equal wall")]
+
+
 def test_table_and_plots_from_the_jsonl(tmp_path, capsys):
     cfg = _cfg(tmp_path)
     rep = write_report(cfg, latency=False)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from kdprune.bench.config import BenchConfig
 from kdprune.bench.results import describe_machine, group_key, provenance, read_lines
-from kdprune.bench.run import BASE_LABEL, BASE_RUN, CONTROL_LABEL, load_base
+from kdprune.bench.run import BASE_LABEL, BASE_RUN, CONTROL_LABEL, EQUAL_EPOCHS, load_base
 from kdprune.io import load_pruned
 from kdprune.metrics import compare_latency, format_markdown
 
@@ -91,9 +91,10 @@ def _first_per_run(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def aggregate(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows: the dense base, the controls (by epochs), then one row per method, budget and
-    target (targets in first-seen order, methods in grid order); a run's repeated line counts once."""
+def aggregate(lines: Sequence[dict[str, Any]], methods: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Table rows: the dense base, the controls (by epochs), then per target (in first-seen order)
+    the equal-epochs rows and then the equal-wall rows, each in the order of ``methods`` (the
+    config's labels; others after them, as first seen); a run's repeated line counts once."""
     groups: dict[tuple, list[dict]] = {}
     for r in _first_per_run(lines):
         control = r["method"] == CONTROL_LABEL  # one row per epoch count
@@ -102,11 +103,12 @@ def aggregate(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     special = {BASE_LABEL: 0, CONTROL_LABEL: 1}
     targets = list(dict.fromkeys(k[2:] for k in groups if k[0] not in special))
     order = list(groups)
+    position = {label: i for i, label in enumerate(methods)}
 
     def rank(k: tuple) -> tuple:
         if k[0] in special:
-            return (special[k[0]], 0, order.index(k))
-        return (2, targets.index(k[2:]), order.index(k))
+            return (special[k[0]], 0, 0, 0, order.index(k))
+        return (2, targets.index(k[2:]), k[1] != EQUAL_EPOCHS, position.get(k[0], len(position)), order.index(k))
 
     return [_row(k, groups[k]) for k in sorted(groups, key=rank)]
 
@@ -255,7 +257,7 @@ def write_report(cfg: BenchConfig, latency: bool = True) -> BenchReport:
     lines = read_lines(cfg.results)
     if not lines:
         raise FileNotFoundError(f"{cfg.results} holds no results yet: run `kdprune bench` on the config first")
-    rows = aggregate(lines)
+    rows = aggregate(lines, [m.label for m in cfg.methods])
     paths = report_paths(cfg)
     base = next((r for r in lines if r.get("run") == BASE_RUN), None)
     stored: dict[str, Any] = json.loads(paths["latency"].read_text()) if paths["latency"].is_file() else {}

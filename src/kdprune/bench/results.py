@@ -57,7 +57,7 @@ def provenance(machine: str, command: str) -> dict[str, Any]:
     import kdprune
     from kdprune.utils.meta import git_commit
 
-    return {"commit": git_commit(Path(__file__).parent), "machine": machine, "command": command,
+    return {"commit": git_commit(), "machine": machine, "command": command,
             "versions": {"kdprune": kdprune.__version__, "torch": torch.__version__,
                          "torch_pruning": torch_pruning.__version__, "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}

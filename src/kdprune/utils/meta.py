@@ -12,15 +12,20 @@ from typing import Any
 import torch
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The current git commit (with '-dirty' if the tree has changes), or None outside git."""
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def git_commit(source: str | Path = _PACKAGE) -> str | None:
+    """The commit of the repository holding ``source`` (kdprune's own package by default), with
+    '-dirty' if tracked files under ``source`` differ from it; None outside git. Only the code
+    decides: result lines and docs a bench writes beside it do not change what ran."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=source, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -38,7 +43,7 @@ def run_metadata() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "git_commit": git_commit(Path(__file__).parent),
+        "git_commit": git_commit(),
     }
 
 
