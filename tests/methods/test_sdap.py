@@ -17,7 +17,8 @@ from kdprune.engine import ChannelGroup, Global, Member, Uniform, apply_plan, ch
 from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import (
-    SDAP, channel_costs, cubic_rate, fold_and_remove, global_keep, keep_to_plan, prepare, sdap_stages, sdap_task,
+    SDAP, channel_costs, cubic_rate, fold_and_remove, gated_windows, global_keep, keep_to_plan, prepare, sdap_stages,
+    sdap_task,
 )
 from kdprune.training import LoopState
 
@@ -151,6 +152,7 @@ def test_fold_equals_gated_and_masked_equals_pruned(toy_data):
     (SDAP(target_params=0.4, finetune=FT, gate_l1=1e-3), TinyNet32),
     (SDAP(target_flops=0.5, finetune=FT, mode=Uniform()), TinyNet32),
     (SDAP(target_params=0.5, finetune=FT, ramp_epochs=1), MiniResB),
+    (SDAP(target_flops=0.5, finetune=FT, ramp_epochs=2, remove_each_epoch=True, mode=Global()), MiniResB),
 ])
 def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
     chans = 3 if factory is MiniResB else 1
@@ -173,6 +175,8 @@ def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
     assert torch.equal(loaded(x), res.model(x))
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["recipe"]["type"] == "SDAP" and saved["method"]["channels_removed"] > 0
+    cuts = saved["method"]["cut_each_epoch"]  # channels cut after each gated epoch but the last
+    assert (len(cuts) == 1 and cuts[0] > 0) == recipe.remove_each_epoch
 
 
 def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
@@ -254,3 +258,50 @@ def test_recipe_registration_validation_and_json():
             SDAP(target_flops=0.5, **bad)
     with pytest.raises(ValueError, match="cannot be met"):
         prepare(_net(), SDAP(target_params=0.1, min_width=16), X)
+
+
+def test_gated_windows_split_the_gated_stage_into_epochs():
+    gated, _ = sdap_stages(SDAP(target_flops=0.5, finetune=FT3, ramp_epochs=1.5))
+    assert gated_windows(gated, each_epoch=False) == [gated]
+    wins = gated_windows(gated, each_epoch=True)
+    assert [(w.epochs, w.start_epoch, w.total_epochs()) for w in wins] == [(1, 0, 3), (1, 1, 3)]
+
+
+# plain SGD (no momentum, no decay): the optimizer a window starts afresh holds no state to lose
+PLAIN = kp.TrainConfig(epochs=3, batch_size=32, optimizer=kp.SGD(lr=0.05, momentum=0.0, weight_decay=0.0),
+                       progress=False, seed=2)
+
+
+def _res_run(tmp_path, each: bool):
+    train = make_images(96, chans=3, size=16, seed=0)
+    torch.manual_seed(0)
+    recipe = SDAP(target_params=0.5, finetune=PLAIN, ramp_epochs=2, remove_each_epoch=each)
+    return kp.compress(MiniResB(), recipe, train, None, out_dir=tmp_path / str(each), latency=False,
+                       progress=False, factory=MiniResB)
+
+
+def test_cutting_each_epoch_trains_what_the_gated_run_trains(tmp_path):
+    """Cutting zero-gated channels between epochs changes the cost, not the training: with an
+    optimizer that keeps no state, the result equals the run gated for the whole ramp."""
+    cut, gated = _res_run(tmp_path, True), _res_run(tmp_path, False)
+    assert cut.report["method"]["cut_each_epoch"][0] > 0 and gated.report["method"]["cut_each_epoch"] == []
+    assert (tmp_path / "True" / "sdap-2" / "checkpoint.pt").is_file()
+    a, b = cut.model.state_dict(), gated.model.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    loss = [(h["train_loss"], g["train_loss"]) for h, g in zip(cut.report["method"]["train"],
+                                                                 gated.report["method"]["train"], strict=True)]
+    assert all(abs(h - g) < 1e-4 for h, g in loss)
+
+
+def test_resume_between_cuts_is_bit_exact(tmp_path, monkeypatch):
+    train = make_images(96, chans=3, size=16, seed=0)
+    recipe = SDAP(target_params=0.5, finetune=FT3, ramp_epochs=2, remove_each_epoch=True)
+
+    def run(out, resume):
+        torch.manual_seed(0)
+        return kp.compress(MiniResB(), recipe, train, None, out_dir=out, resume=resume, latency=False,
+                           progress=False, factory=MiniResB).model
+
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after=2)  # after the cut, in window 2
