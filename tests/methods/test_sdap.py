@@ -150,9 +150,9 @@ def test_fold_equals_gated_and_masked_equals_pruned(toy_data):
 @pytest.mark.parametrize("recipe, factory", [
     (SDAP(target_flops=0.5, finetune=FT, mode=Global()), TinyNet32),
     (SDAP(target_params=0.4, finetune=FT, gate_l1=1e-3), TinyNet32),
-    (SDAP(target_flops=0.5, finetune=FT, mode=Uniform()), TinyNet32),
+    (SDAP(target_flops=0.5, finetune=FT, mode=Uniform(), remove_each_epoch=False), TinyNet32),
     (SDAP(target_params=0.5, finetune=FT, ramp_epochs=1), MiniResB),
-    (SDAP(target_flops=0.5, finetune=FT, ramp_epochs=2, remove_each_epoch=True, mode=Global()), MiniResB),
+    (SDAP(target_flops=0.5, finetune=FT, ramp_epochs=2, mode=Global()), MiniResB),
 ])
 def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
     chans = 3 if factory is MiniResB else 1
@@ -176,7 +176,7 @@ def test_target_met_after_removal_and_saved(recipe, factory, tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["recipe"]["type"] == "SDAP" and saved["method"]["channels_removed"] > 0
     cuts = saved["method"]["cut_each_epoch"]  # channels cut after each gated epoch but the last
-    assert (len(cuts) == 1 and cuts[0] > 0) == recipe.remove_each_epoch
+    assert (len(cuts) == 1 and cuts[0] > 0) == (recipe.remove_each_epoch and sdap_stages(recipe)[0].epochs == 2)
 
 
 def test_resume_after_kill_is_bit_exact(toy_data, tmp_path, monkeypatch):
@@ -250,6 +250,7 @@ def test_alpha_zero_uses_no_teacher(toy_data):
 
 def test_recipe_registration_validation_and_json():
     assert kp.recipes.SDAP is SDAP and methods()["sdap"] is SDAP
+    assert SDAP(target_params=0.25).remove_each_epoch  # chosen on issue 16's grid (docs/methods/sdap.md)
     assert SDAP(target_params=0.25).mode == Uniform()  # chosen on the held-out split (docs/methods/sdap.md)
     r = SDAP(target_params=0.3, ramp_epochs=2.5, mode=Uniform(), weight_by_cost=False)
     assert from_dict(SDAP, json.loads(json.dumps(to_tagged_dict(r)))) == r

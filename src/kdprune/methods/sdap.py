@@ -73,8 +73,9 @@ class SDAP(PruneRecipe):
     weight_by_cost: bool = True
     remove_early: bool = True  # ours: remove masked channels once the ramp is over (docstring above)
     # ours: also cut the channels masked so far at every epoch end while gated (their gates are 0,
-    # so the output is unchanged): the ramp's later epochs run at a smaller cost
-    remove_each_epoch: bool = False
+    # so the output is unchanged): the ramp's later epochs run at a smaller cost. On issue 16's grid
+    # it took SDAP from 1.46x to 1.1x KDFinetune's epoch time at 25% of params, val on par.
+    remove_each_epoch: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -313,7 +314,7 @@ def _train_gated(model: nn.Module, recipe: SDAP, ctx: CompressContext, cb: GateS
     """Train the gated stage window by window, cutting the masked channels after every window
     but the last (which ``_finish`` folds and cuts); returns the history and the cuts."""
     windows, history, cuts = gated_windows(gated, recipe.remove_each_epoch), [], []
-    cb.horizon = gated.epochs if len(windows) > 1 else None
+    cb.horizon = gated.epochs  # the ramp is clamped to the gated run, not to one window
     for i, window in enumerate(windows):
         cb.epoch_offset = window.start_epoch - gated.start_epoch
         name = "sdap" if i == 0 else f"sdap-{i + 1}"  # the first window's folder is the whole stage's
