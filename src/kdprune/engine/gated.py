@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kdprune.engine.allocate import PruningPlan
+from kdprune.engine.graph import ChannelGroup
 from kdprune.engine.links import channel_groups
 from kdprune.engine.masks import MaskKind, MaskSet, attach_masks
 from kdprune.engine.prune import apply_plan
@@ -23,11 +24,12 @@ class GroupsChangedError(ValueError):
     per surviving channel could not reproduce the gated model. The model is left untouched."""
 
 
-def _pruned_groups(model: nn.Module, plan: PruningPlan, x: torch.Tensor) -> dict[str, int]:
+def _pruned_groups(model: nn.Module, plan: PruningPlan, x: torch.Tensor) -> list[ChannelGroup]:
+    """The channel groups ``model`` will have once ``plan`` is cut (traced on a copy)."""
     trial = copy.deepcopy(model)
     trial.kdprune_masks.remove()
     apply_plan(trial, x, plan)
-    return {g.root: g.channels for g in channel_groups(trial, x)}
+    return channel_groups(trial, x)
 
 
 @torch.no_grad()
@@ -47,13 +49,14 @@ def prune_gated(model: nn.Module, masks: MaskSet, drop: Mapping[str, torch.Tenso
                  else masks.value(r).detach().clone() for r in masks.groups}
     x = example_input.to(next(model.parameters()).device)
     plan = PruningPlan({r: d.nonzero().flatten().tolist() for r, d in drop.items() if d.any()})
-    sizes, expected = _pruned_groups(model, plan, x), {r: len(v) for r, v in survivors.items()}
+    groups = _pruned_groups(model, plan, x)
+    sizes, expected = {g.root: g.channels for g in groups}, {r: len(v) for r, v in survivors.items()}
     if sizes != expected:
         raise GroupsChangedError(f"cutting these channels changes the channel groups ({sizes} vs the surviving "
                                  f"gates' {expected}); keep them gated")
     masks.remove()
     apply_plan(model, x, plan)
-    new = attach_masks(model, channel_groups(copy.deepcopy(model), x), kind=MaskKind.GATE)
+    new = attach_masks(model, groups, kind=MaskKind.GATE)  # the copy's groups: same names, same shapes
     for root, v in survivors.items():
         new.value(root).copy_(v)
     return new
