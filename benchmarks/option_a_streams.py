@@ -6,9 +6,10 @@
 
 Both plans start from the shipped base ``pretrained:resnet20-fmnist`` (option A), keep 50% of
 FLOPs with L1 importance and uniform allocation, and get the same fine-tune (SGD 0.01, cosine).
-"dense-control" is the base fine-tuned the same way, unpruned. "inner" ignores the three stream roots (conv1, layer2.0.conv2, layer3.0.conv2), which is what the
-engine did before the pad shortcut became index-placing; "streams" prunes every group. The test
-set is only reported: no choice is made on it. Runs resume when killed; the report measures
+"dense-control" is the base fine-tuned the same way, unpruned. "inner" ignores the three stream
+roots (conv1, layer2.0.conv2, layer3.0.conv2), which is what the engine did before the pad
+shortcut became index-placing; "streams" prunes every group. The test set is only reported: no
+choice is made on it. Runs resume when killed; the report measures
 interleaved CPU latency at batch 1 and 64 and writes benchmarks/results/option_a_streams.{json,md}.
 """
 from __future__ import annotations
@@ -85,8 +86,9 @@ def main() -> None:
             "flops_kept": "FLOPs kept", "params_kept": "params kept",
             "lat_bs1_ms": "bs1 ms", "speedup_bs1": "bs1 x", "lat_bs64_ms": "bs64 ms", "speedup_bs64": "bs64 x",
             "wall_s": "fine-tune s"}
-    write_results("option_a_streams", rows, cols, {"base": BASE, "fine-tune": f"{args.epochs} epochs SGD 0.01 cosine",
-                                                   "per_seed_top1": {n: [r["top1"] for r in v] for n, v in runs.items()}})
+    per_seed = {n: [r["top1"] for r in v] for n, v in runs.items()}
+    write_results("option_a_streams", rows, cols,
+                  {"base": BASE, "fine-tune": f"{args.epochs} epochs SGD 0.01 cosine", "per_seed_top1": per_seed})
 
 
 def _ft(args: argparse.Namespace, seed: int) -> kp.TrainConfig:

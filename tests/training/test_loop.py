@@ -138,3 +138,15 @@ def test_stage_window_is_validated():
         _cfg(epochs=3, start_epoch=1, schedule_epochs=3)
     with pytest.raises(ValueError, match="do not fit"):
         _cfg(start_epoch=-1)
+
+
+def test_window_is_a_slice_of_the_same_schedule():
+    """window(i, n) of a stage is epochs [start + i, start + i + n) of the whole run's schedule."""
+    run = _cfg(epochs=4, start_epoch=2, schedule_epochs=8)
+    w = run.window(1, 2)
+    assert (w.start_epoch, w.epochs, w.total_epochs()) == (3, 2, 8)
+    assert [run.window(i, 1).start_epoch for i in range(4)] == [2, 3, 4, 5]
+    assert _cfg(epochs=3).window(0, 3).total_epochs() == 3
+    for offset, n in [(-1, 1), (3, 2), (0, 5)]:
+        with pytest.raises(ValueError, match="not within"):
+            run.window(offset, n)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -143,8 +143,8 @@ class GateSchedule(Callback):
         """``keep`` in the live model's channel order."""
         return {r: k[self.alive[r]] for r, k in self.keep.items()}
 
-    def _set_keep(self, keep: Mapping[str, torch.Tensor]) -> None:
-        # a cut channel never comes back, even where a lower rate would unmask it
+    def set_keep(self, keep: Mapping[str, torch.Tensor]) -> None:
+        """Mask what ``keep`` (dense order) drops; a cut channel stays out even where ``keep`` has it."""
         self.keep = {r: k.clone() for r, k in keep.items()}
         for r, k in self.keep.items():
             cut = torch.ones(len(k), dtype=torch.bool)
@@ -166,7 +166,7 @@ class GateSchedule(Callback):
     def remask(self, state: LoopState) -> None:
         """Re-rank the gates and mask the lowest p_t (previously masked gates are 0, so rank last)."""
         self._zero_masked()
-        self._set_keep(self.ctl.keep_for(self.rate(state), self.gate_abs()))
+        self.set_keep(self.ctl.keep_for(self.rate(state), self.gate_abs()))
         self._zero_masked()
 
     def calibrate(self, state: LoopState, force: bool = False) -> None:
@@ -272,13 +272,13 @@ def _finish(model: nn.Module, cb: GateSchedule, x: torch.Tensor) -> dict[str, An
     ctl, goal = cb.ctl, cb.ctl.target.value
     kept, adjusted = ctl.kept(cb.keep), False
     if abs(kept - goal) > TOLERANCE:
-        cb._set_keep(ctl.best_keep(cb.gate_abs())[0])
+        cb.set_keep(ctl.best_keep(cb.gate_abs())[0])
         kept, adjusted = ctl.kept(cb.keep), True
     if abs(kept - goal) > ctl.target.tolerance:
         raise ValueError(f"SDAP: final masks keep {kept:.4f} of {ctl.target.metric}, target {goal}")
     keep, check = ctl.verify(cb.keep, cb.gate_abs())
     adjusted = adjusted or keep is not cb.keep
-    cb._set_keep(keep)
+    cb.set_keep(keep)
     kept = check.measured if check is not None else kept
     plan = fold_and_remove(model, cb.masks, cb.live_keep(), x)
     c, dense = complexity(model, example_input=x.to(next(model.parameters()).device)), ctl.dense_complexity
@@ -294,9 +294,7 @@ def sdap_stages(recipe: SDAP) -> tuple[TrainConfig, TrainConfig | None]:
     gated = max(1, math.ceil(recipe.ramp_epochs))
     if not recipe.remove_early or gated >= ft.epochs:
         return ft, None
-    total = ft.total_epochs()
-    return (replace(ft, epochs=gated, schedule_epochs=total),
-            replace(ft, epochs=ft.epochs - gated, start_epoch=ft.start_epoch + gated, schedule_epochs=total))
+    return ft.window(0, gated), ft.window(gated, ft.epochs - gated)
 
 
 def gated_windows(gated: TrainConfig, each_epoch: bool) -> list[TrainConfig]:
@@ -304,9 +302,7 @@ def gated_windows(gated: TrainConfig, each_epoch: bool) -> list[TrainConfig]:
     slice of the same schedule, so that masked channels can be cut between them."""
     if not each_epoch or gated.epochs == 1:
         return [gated]
-    total = gated.total_epochs()
-    return [replace(gated, epochs=1, start_epoch=gated.start_epoch + i, schedule_epochs=total)
-            for i in range(gated.epochs)]
+    return [gated.window(i, 1) for i in range(gated.epochs)]
 
 
 def _train_gated(model: nn.Module, recipe: SDAP, ctx: CompressContext, cb: GateSchedule, task: Any,

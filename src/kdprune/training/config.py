@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 from kdprune.registry import check_choice, choice
@@ -138,3 +138,12 @@ class TrainConfig:
     def total_epochs(self) -> int:
         """Length of the whole run this config is a stage of (what the LR schedule spans)."""
         return self.schedule_epochs if self.schedule_epochs is not None else self.start_epoch + self.epochs
+
+    def window(self, offset: int, epochs: int) -> TrainConfig:
+        """Epochs [offset, offset + epochs) of this run as a stage of the same schedule (the LR and
+        the data order go on where the previous window stopped; a model edit can come between)."""
+        if offset < 0 or offset + epochs > self.epochs:
+            raise ValueError(f"TrainConfig.window: epochs {offset}..{offset + epochs} are not within "
+                             f"this run's {self.epochs}")
+        return replace(self, epochs=epochs, start_epoch=self.start_epoch + offset,
+                       schedule_epochs=self.total_epochs())
