@@ -33,7 +33,8 @@ def test_pruned_gated_equals_gated(name):
     with torch.no_grad():
         ref = model(X)
     before = sum(p.numel() for n, p in model.named_parameters() if "kdprune_masks" not in n)
-    new = prune_gated(model, masks, drop, X)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new, kept = prune_gated(model, masks, drop, X)
     assert model.kdprune_masks is new and masks._model is None
     with torch.no_grad():
         torch.testing.assert_close(model(X), ref, rtol=1e-4, atol=1e-5)
@@ -41,6 +42,11 @@ def test_pruned_gated_equals_gated(name):
     for root, d in drop.items():  # the survivors' gates, in order
         assert torch.equal(new.value(root).detach(), masks.value(root).detach()[~d])
         assert new.value(root).requires_grad
+    for n, p in model.named_parameters():  # kept names the entries of each old parameter that survived
+        sel = old[n]
+        for dim, idx in enumerate(kept[n]):
+            sel = sel.index_select(dim, idx)
+        assert torch.equal(sel, p.detach()), n
 
 
 def test_a_live_gate_cannot_be_dropped():

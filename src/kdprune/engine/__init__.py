@@ -25,7 +25,7 @@ from kdprune.engine.importance import IMPORTANCE, L1, L2, BNScale, Criterion, Ra
 from kdprune.engine.masks import (MaskKind, MaskSet, MaskSlots, attach_masks, fold_gates_into_bn, masks_to_plan,
                                   zero_channels)
 from kdprune.engine.prune import MaskedModelError, apply_channel_edits, apply_plan, prune_channels_edit
-from kdprune.engine.gated import GroupsChangedError, prune_gated
+from kdprune.engine.gated import GatedCut, GroupsChangedError, prune_gated
 from kdprune.engine.structure import (
     EDIT_OPS,
     FORMAT_VERSION,
@@ -73,7 +73,7 @@ __all__ = [
     "DecomposedConv", "RankCost", "decomposed_convs", "decomposition_cost", "merge_is_cheaper",
     "MaskKind", "MaskSet", "MaskSlots", "attach_masks", "fold_gates_into_bn", "masks_to_plan", "zero_channels",
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit", "GroupsChangedError",
-    "prune_gated",
+    "GatedCut", "prune_gated",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",
     "record_edit", "register_edit", "replay",
     "PruneReport", "Target", "prune_to_target",

@@ -92,6 +92,10 @@ class MaskSet(nn.Module):
         """The mask/gate tensor of ``group`` (root channel order; live, not a copy)."""
         return getattr(self, _key(self._group(group).root))
 
+    def parameter_name(self, group: ChannelGroup | str) -> str:
+        """The name of ``group``'s gate or mask in the model's ``named_parameters``/``state_dict``."""
+        return f"{MASKS_ATTR}.{_key(self._group(group).root)}"
+
     def set_mask(self, group: ChannelGroup | str, mask: torch.Tensor | Sequence[bool]) -> None:
         """Set a group's values from a bool keep-mask (True = keep) or float tensor."""
         g = self._group(group)

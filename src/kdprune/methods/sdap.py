@@ -43,7 +43,7 @@ from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, req
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.methods.sdap_rank import SDAPController, channel_costs, global_keep, keep_to_plan, protected_channels
 from kdprune.metrics import complexity
-from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
+from kdprune.training import SGD, Callback, CarryOptimizerState, Cosine, LoopState, TrainConfig, train
 
 __all__ = ["SDAP", "SDAPController", "GateSchedule", "cubic_rate", "channel_costs", "global_keep",
            "protected_channels", "keep_to_plan", "prepare", "sdap_task", "sdap_stages", "gated_windows",
@@ -205,20 +205,21 @@ class GateSchedule(Callback):
         metrics.update({"sdap_rate": self.rate(state), "sdap_p_final": float(self.p_final or 0.0),
                         "sdap_masked": float(masked), "sdap_kept": float(self.ctl.kept(self.keep))})
 
-    def shrink(self, model: nn.Module, example_input: torch.Tensor) -> int:
+    def shrink(self, model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, tuple[torch.Tensor, ...]]]:
         """Cut the masked channels out of the live model now, survivors keep their gates (ours);
-        returns how many were cut (0 when none, or when the cut would change the channel groups)."""
+        returns how many were cut (0 when none, or when the cut would change the channel groups)
+        and which entries of each parameter survived (for the optimizer state to follow)."""
         drop = {r: ~k for r, k in self.live_keep().items()}
         n = sum(int(d.sum()) for d in drop.values())
         if n == 0:
-            return 0
+            return 0, {}
         try:
-            self.masks = prune_gated(model, self.masks, drop, example_input)
+            self.masks, kept = prune_gated(model, self.masks, drop, example_input)
         except GroupsChangedError:
-            return 0
+            return 0, {}
         self.alive = {r: a[~drop[r]] for r, a in self.alive.items()}
         self._dev = {}
-        return n
+        return n, kept
 
     def state_dict(self) -> dict[str, Any]:
         return {"p_final": self.p_final, "keep": {r: k.clone() for r, k in self.keep.items()},
@@ -310,16 +311,20 @@ def _train_gated(model: nn.Module, recipe: SDAP, ctx: CompressContext, cb: GateS
     """Train the gated stage window by window, cutting the masked channels after every window
     but the last (which ``_finish`` folds and cuts); returns the history and the cuts."""
     windows, history, cuts = gated_windows(gated, recipe.remove_each_epoch), [], []
+    carry = CarryOptimizerState()  # momentum follows the surviving channels across each cut
     cb.horizon = gated.epochs  # the ramp is clamped to the gated run, not to one window
     for i, window in enumerate(windows):
         cb.epoch_offset = window.start_epoch - gated.start_epoch
         name = "sdap" if i == 0 else f"sdap-{i + 1}"  # the first window's folder is the whole stage's
         res = train(model, ctx.train, ctx.val, ctx.with_progress(window, name), task=task,
-                    out_dir=ctx.stage_dir(name), resume=ctx.resumable(name), callbacks=[cb],
+                    out_dir=ctx.stage_dir(name), resume=ctx.resumable(name), callbacks=[cb, carry],
                     record={"method": "sdap", "window": i}, save_model=False)
         history += res.history
         if i + 1 < len(windows):
-            cuts.append(cb.shrink(model, ctx.example_input))
+            carry.hold()
+            n, kept = cb.shrink(model, ctx.example_input)
+            carry.remap(kept)
+            cuts.append(n)
     return history, cuts
 
 
