@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kdprune.bench import aggregate, config_from_dict, pareto_front, write_report
+from kdprune.bench import aggregate, config_from_dict, paired, pareto_front, write_report
 
 
 def _line(run, method, top1, seed=0, budget="equal epochs", target=0.5, **kw):
@@ -115,3 +115,15 @@ def test_val_top1_is_shown_beside_the_test_when_the_runs_held_a_split_out(tmp_pa
     assert "| 88.50 ± 0.71 (2) | -1.50 | 87.50 ± 0.71 |" in md
     cfg.results.write_text("".join(json.dumps(r) + "\n" for r in LINES))
     assert "val top-1" not in write_report(cfg, latency=False).markdown
+
+
+def test_equal_wall_rows_are_paired_with_their_reference_by_seed(tmp_path):
+    ref = [_line(f"x-flops0.5-s{s}", "x", 88.0 + s, seed=s, val_top1=89.0 + s) for s in (0, 1)]
+    wall = [_line(f"l1-wall-x-flops0.5-s{s}", "l1", 88.5 + 2 * s, seed=s, budget="equal wall", epochs=9 + s,
+                  val_top1=89.0 + s, reference={"run": f"x-flops0.5-s{s}", "method": "x", "wall_s": 10.0})
+            for s in (1, 0)]
+    orphan = _line("kd-wall-x-flops0.5-s2", "kd", 80.0, seed=2, budget="equal wall", reference={"run": "missing"})
+    rows = paired([*ref, *wall, orphan])
+    assert rows == [{"method": "l1", "budget": "equal wall", "target": "flops 0.5", "reference": "x", "seeds": "0/1",
+                     "epochs": "9/10", "d_top1": "+1.00 ± 0.71", "d_val": "+0.00 ± 0.00"}]
+    assert paired(ref) == []

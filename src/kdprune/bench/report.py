@@ -16,7 +16,7 @@ from kdprune.bench.run import BASE_LABEL, BASE_RUN, CONTROL_LABEL, EQUAL_EPOCHS,
 from kdprune.io import load_pruned
 from kdprune.metrics import compare_latency, format_markdown
 
-__all__ = ["BenchReport", "aggregate", "measure_latency", "write_report", "plot_pareto", "pareto_front",
+__all__ = ["BenchReport", "aggregate", "paired", "measure_latency", "write_report", "plot_pareto", "pareto_front",
            "report_paths", "LATENCY_SUFFIX"]
 
 LATENCY_SUFFIX = ".latency.json"
@@ -111,6 +111,37 @@ def aggregate(lines: Sequence[dict[str, Any]], methods: Sequence[str] = ()) -> l
         return (2, targets.index(k[2:]), k[1] != EQUAL_EPOCHS, position.get(k[0], len(position)), order.index(k))
 
     return [_row(k, groups[k]) for k in sorted(groups, key=rank)]
+
+
+def _mean_std(values: list[float]) -> str:
+    m, s = _stats(values)
+    return f"{m:+.2f} ± {s:.2f}" if len(values) > 1 else f"{m:+.2f}"
+
+
+def paired(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each equal-wall row against its reference run on the same seeds: the mean difference
+    (and its std over seeds) in test and val top-1, so seed-to-seed spread cancels."""
+    ok = {r["run"]: r for r in _first_per_run(lines) if "error" not in r and r.get("top1") is not None}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in ok.values():
+        ref = ok.get((r.get("reference") or {}).get("run"))
+        if ref is not None:
+            groups.setdefault(group_key(r), []).append((r, ref))
+    rows = []
+    for (label, budget, metric, value), pairs in groups.items():
+        pairs.sort(key=lambda p: p[0].get("seed") or 0)
+        vals = [(a["val_top1"], b["val_top1"]) for a, b in pairs if a.get("val_top1") is not None
+                and b.get("val_top1") is not None]
+        rows.append({"method": label, "budget": budget, "target": f"{metric} {value:g}",
+                     "reference": pairs[0][1]["method"], "seeds": "/".join(str(a.get("seed")) for a, _ in pairs),
+                     "epochs": "/".join(str(a.get("epochs")) for a, _ in pairs),
+                     "d_top1": _mean_std([a["top1"] - b["top1"] for a, b in pairs]),
+                     "d_val": _mean_std([a - b for a, b in vals]) if len(vals) == len(pairs) else None})
+    return rows
+
+
+_PAIRED_COLUMNS = {"method": "method", "budget": "budget", "target": "target (kept)", "reference": "against",
+                   "seeds": "seeds", "epochs": "epochs (per seed)", "d_top1": "Δ test top-1", "d_val": "Δ val top-1"}
 
 
 def _models(cfg: BenchConfig, rows: list[dict]) -> dict[str, Any]:
@@ -231,6 +262,11 @@ def _markdown(cfg: BenchConfig, rows: list[dict], lines: list[dict], stored: dic
            f"`{cfg.base}`; data {base.get('data', cfg.data.name)}, {base.get('train_images', '?')} training images "
            f"({base.get('val_images', 0)} held out), test {base.get('test_images', '?')} images (reported only).", "",
            format_markdown(shown, cols), ""]
+    pairs = paired(lines)
+    if pairs:
+        out += ["Paired by seed (each row minus its reference run on the same seed; mean ± std over seeds):", "",
+                format_markdown([{k: ("-" if r.get(k) is None else r[k]) for k in _PAIRED_COLUMNS} for r in pairs],
+                                _PAIRED_COLUMNS), ""]
     out += _footnotes(lines, stored, plots)
     return "\n".join(out) + "\n"
 
