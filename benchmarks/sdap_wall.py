@@ -5,6 +5,7 @@ kd_pays schedule (6 epochs, ramp 3, SGD 0.01 cosine) capped at ``--steps`` steps
 the shipped option-B base, one thread.
 
     python benchmarks/sdap_wall.py --steps 20 --rounds 3 --target-params 0.25
+    python benchmarks/sdap_wall.py --steps 20 --rounds 3 --target-params 0.25 --ramp-epochs 1 --name sdap_wall_ramp1
 
 Per method: the median over rounds of the summed epoch times (training only) and of the whole
 compress call (plus the pruning searches and folds, which a full-length run amortises over
@@ -30,11 +31,14 @@ import kdprune as kp
 from common import write_results
 
 
-def recipes(target: dict, steps: int) -> dict:
-    """The three runs of one round, as kd_pays.yaml has them, capped at ``steps`` per epoch."""
+def recipes(target: dict, steps: int, ramp: int) -> dict:
+    """The runs of one round, as kd_pays.yaml has them, capped at ``steps`` per epoch (with a
+    1-epoch ramp there is nothing to cut before the removal: one SDAP run)."""
     ft = kp.TrainConfig(epochs=6, optimizer=kp.SGD(lr=0.01), schedule=kp.Cosine(), max_steps_per_epoch=steps,
                         progress=False, seed=0)
-    sdap = kp.recipes.SDAP(**target, finetune=ft, ramp_epochs=3, remove_each_epoch=False)
+    sdap = kp.recipes.SDAP(**target, finetune=ft, ramp_epochs=ramp, remove_each_epoch=False)
+    if ramp <= 1:
+        return {"KDFinetune": kp.recipes.KDFinetune(**target, finetune=ft), f"SDAP, ramp {ramp}": sdap}
     return {"KDFinetune": kp.recipes.KDFinetune(**target, finetune=ft), "SDAP, removal after the ramp": sdap,
             "SDAP, cut each epoch (default)": replace(sdap, remove_each_epoch=True)}
 
@@ -55,6 +59,7 @@ def main() -> None:
     p.add_argument("--base", default="resnet20b-fmnist", help="shipped base (kp.pretrained name)")
     p.add_argument("--steps", type=int, default=20, help="steps per epoch (of ~156 in the full runs)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ramp-epochs", type=int, default=3, help="SDAP's ramp (kd_pays: 3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="sdap_wall", help="results file name")
     g = p.add_mutually_exclusive_group()
@@ -66,7 +71,7 @@ def main() -> None:
               else {"target_params": args.target_params or 0.25})
     train, _ = kp.data.load("fashion-mnist")  # capped epochs: which images hardly matters
     base = kp.pretrained(args.base)
-    runs = recipes(target, args.steps)
+    runs = recipes(target, args.steps, args.ramp_epochs)
     seen: dict[str, list[tuple[float, float, list[float]]]] = {k: [] for k in runs}
     for r in range(args.rounds):
         for name, recipe in runs.items():
@@ -82,7 +87,8 @@ def main() -> None:
     cols = {"method": "method", "epochs_s": "epochs s (median)", "vs_kd": "x KDFinetune", "epoch_s":
             "per epoch s (median)", "wall_s": "compress s (median)", "wall_vs_kd": "x KDFinetune (compress)"}
     print(write_results(args.name, rows, cols, {"target": target, "steps_per_epoch": args.steps,
-                                                "rounds": args.rounds, "threads": args.threads}).read_text())
+                                                "rounds": args.rounds, "threads": args.threads,
+                                                "ramp_epochs": args.ramp_epochs}).read_text())
 
 
 if __name__ == "__main__":
