@@ -37,9 +37,10 @@ def recipes(target: dict, steps: int, ramp: int) -> dict:
     ft = kp.TrainConfig(epochs=6, optimizer=kp.SGD(lr=0.01), schedule=kp.Cosine(), max_steps_per_epoch=steps,
                         progress=False, seed=0)
     sdap = kp.recipes.SDAP(**target, finetune=ft, ramp_epochs=ramp, remove_each_epoch=False)
+    runs = {"KDFinetune": kp.recipes.KDFinetune(**target, finetune=ft)}
     if ramp <= 1:
-        return {"KDFinetune": kp.recipes.KDFinetune(**target, finetune=ft), f"SDAP, ramp {ramp}": sdap}
-    return {"KDFinetune": kp.recipes.KDFinetune(**target, finetune=ft), "SDAP, removal after the ramp": sdap,
+        return {**runs, f"SDAP, ramp {ramp}": sdap}
+    return {**runs, "SDAP, removal after the ramp": sdap,
             "SDAP, cut each epoch (default)": replace(sdap, remove_each_epoch=True)}
 
 
