@@ -117,6 +117,18 @@ def test_val_top1_is_shown_beside_the_test_when_the_runs_held_a_split_out(tmp_pa
     assert "val top-1" not in write_report(cfg, latency=False).markdown
 
 
+def test_the_removal_step_scores_are_shown_beside_the_val_top1(tmp_path):
+    held = [dict(r, val_top1=r["top1"] - 1, pruned_val_top1=r["top1"] - 40, recalibrated_val_top1=r["top1"] - 9)
+            if r.get("top1") is not None and r["method"] != "dense base" else r for r in LINES]
+    rows = {(r["method"], r["budget"], r["target"]): r for r in aggregate(held)}
+    assert rows[("l1", "equal epochs", "flops 0.5")]["pruned_val_top1"] == "48.50 ± 0.71"
+    assert rows[("l1", "equal epochs", "flops 0.5")]["recalibrated_val_top1"] == "79.50 ± 0.71"
+    cfg = _cfg(tmp_path)
+    cfg.results.write_text("".join(json.dumps(r) + "\n" for r in held))
+    md = write_report(cfg, latency=False).markdown
+    assert "| val top-1 % | pruned val % | + BN recal. val % | FLOPs kept |" in md
+
+
 def test_equal_wall_rows_are_paired_with_their_reference_by_seed(tmp_path):
     ref = [_line(f"x-flops0.5-s{s}", "x", 88.0 + s, seed=s, val_top1=89.0 + s) for s in (0, 1)]
     wall = [_line(f"l1-wall-x-flops0.5-s{s}", "l1", 88.5 + 2 * s, seed=s, budget="equal wall", epochs=9 + s,

@@ -47,6 +47,7 @@ def test_method_lines(finished):
         assert (r["target_metric"], r["target_value"]) == ("flops", 0.5) and abs(r["flops_kept"] - 0.5) <= 0.01
         assert r["epochs"] == 1 and r["base_top1"] == base_top1 and not r["resumed"]
         assert 0 <= r["top1"] <= 100 and "val_top1" in r  # test reported, val held out of the training images
+        assert 0 <= r["pruned_val_top1"] <= 100 and 0 <= r["recalibrated_val_top1"] <= 100  # the removal step
         assert r["config"]["finetune"]["seed"] == r["seed"] and r["config"]["finetune"]["threads"] == 1
         model = kp.load_pruned(cfg.runs / r["run"] / "model")
         assert kp.complexity(model, input_size=(1, 1, 8, 8)).flops == pytest.approx(

@@ -139,6 +139,7 @@ def test_target_within_one_percent_and_assistants_returned(toy_data, tmp_path, a
     assert abs(kept[-1] - 0.5) <= 0.01 and len(kept) == assistants + 1
     assert abs(res.report["after"]["flops"] / res.report["before"]["flops"] - 0.5) <= 0.01
     assert sorted(res.extras) == [f"assistants/ta{i + 1}" for i in range(assistants)]
+    assert res.report["method"]["recalibration"]["recalibrated"] >= 1 and "recalibrated" in res.report
     for i, (name, m) in enumerate(sorted(res.extras.items())):
         back = kp.load_pruned(tmp_path / name)
         with torch.no_grad():

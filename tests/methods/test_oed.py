@@ -110,6 +110,7 @@ def test_target_is_met_within_one_percent(toy_data):
                       train, val, latency=False)
     assert abs(res.report["method"]["params_kept"] - 0.6) <= 0.01
     assert res.report["method"]["removed_blocks"]
+    assert res.report["method"]["recalibration"]["recalibrated"] >= 1 and "recalibrated" in res.report
 
 
 def test_a_model_without_residual_blocks_gets_a_clear_error(toy_data):

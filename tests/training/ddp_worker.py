@@ -37,10 +37,31 @@ def kd_setup(seed: int) -> tuple:
     return PlainNet(), KDTask(teacher, temperature=2.0, alpha=0.5), cfg
 
 
+def recal_setup() -> torch.nn.Module:
+    """The net whose BatchNorm statistics the ``recal`` mode re-estimates (same on every rank)."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+
+
+def recal(out: Path, rank: int, data) -> None:
+    """Re-estimate on every batch of this rank's shard; the statistics must be the whole set's."""
+    from kdprune.engine import Recalibrate, recalibrate_norms
+    from kdprune.utils.dist import init_distributed
+
+    init_distributed()
+    net = recal_setup()
+    rep = recalibrate_norms(net, data, Recalibrate(batches=100, batch_size=8))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+    (out / f"metrics{rank}.txt").write_text(repr(sorted(net.state_dict().items(), key=lambda kv: kv[0])))
+    (out / f"images{rank}.txt").write_text(str(rep.images))
+
+
 def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = dist_info().rank
     train_set, val_set = make_images(64, seed=0), make_images(20, seed=1)
+    if mode == "recal":
+        return recal(out, rank, train_set)
     if mode == "mutual":
         # different init per rank: DDP must broadcast rank 0's, for the peer too
         student, task, cfg = mutual_setup(seed=7 if rank == 0 else 100 + rank)

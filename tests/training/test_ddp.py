@@ -30,6 +30,20 @@ def _torchrun(tmp_path: Path, mode: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.dist
+def test_two_rank_batchnorm_re_estimation_reduces_over_ranks(tmp_path):
+    from .ddp_worker import recal_setup
+
+    w0, w1 = _torchrun(tmp_path, "recal")
+    assert (tmp_path / "images0.txt").read_text() == "32"  # each rank saw its half of the 64 images
+    net, data = recal_setup(), make_images(64, seed=0)
+    with torch.no_grad():
+        z = net[0](torch.stack([data[i][0] for i in range(64)])).double()
+    for w in (w0, w1):  # both ranks hold the moments of all 64 images
+        torch.testing.assert_close(w["1.running_mean"].double(), z.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w["1.running_var"].double(), z.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.dist
 def test_two_rank_gloo_training_keeps_weights_identical(tmp_path):
     w0, w1 = _torchrun(tmp_path, "ce")
     assert w0.keys() == w1.keys()

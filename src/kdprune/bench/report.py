@@ -67,10 +67,11 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
                params_kept=round(statistics.fmean(r["params_kept"] for r in ok), 4),
                epochs="/".join(str(e) for e in sorted({r.get("epochs") for r in ok})),
                wall_s=round(statistics.fmean(r["wall_s"] for r in ok)) if all("wall_s" in r for r in ok) else None)
-    vals = [r["val_top1"] for r in ok if r.get("val_top1") is not None]
-    if len(vals) == len(ok):  # the held-out split every choice is read off (the test is only reported)
-        vm, vs = _stats(vals)
-        row["val_top1"] = f"{vm:.2f} ± {vs:.2f}" if len(vals) > 1 else f"{vm:.2f}"
+    for key in ("val_top1", *_REMOVAL):  # the held-out split every choice is read off (the test is only reported)
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        if vals and len(vals) == len(ok):
+            vm, vs = _stats(vals)
+            row[key] = f"{vm:.2f} ± {vs:.2f}" if len(vals) > 1 else f"{vm:.2f}"
     notes = [f"{len(lines) - len(ok)} failed run(s)"] if len(ok) < len(lines) else []
     resumed = sum(1 for r in ok if r.get("resumed"))
     if resumed:  # a resumed run's wall time misses what the killed process spent outside its epochs
@@ -247,11 +248,19 @@ _COLUMNS = {"method": "method", "recipe": "recipe", "budget": "budget", "target"
             "epochs": "epochs", "wall_s": "wall s"}
 
 
+#: The model right after a method's removal step (before fine-tuning), without and with the BatchNorm
+#: re-estimation, scored on the held-out split (on the test set when the bench has none).
+_REMOVAL = {"pruned_val_top1": "pruned val %", "recalibrated_val_top1": "+ BN recal. val %",
+            "pruned_top1": "pruned test %", "recalibrated_top1": "+ BN recal. test %"}
+
+
 def _markdown(cfg: BenchConfig, rows: list[dict], lines: list[dict], stored: dict, plots: list[Path]) -> str:
     cols = dict(_COLUMNS)
-    if any("val_top1" in r for r in rows):  # beside the test columns: the split choices are read off
+    extra = [("val_top1", "val top-1 %")] if any("val_top1" in r for r in rows) else []
+    extra += [(k, v) for k, v in _REMOVAL.items() if any(k in r for r in rows)]
+    if extra:  # beside the test columns: the split choices are read off, the removal step's scores
         items, at = list(cols.items()), list(cols).index("delta") + 1
-        cols = dict(items[:at] + [("val_top1", "val top-1 %")] + items[at:])
+        cols = dict(items[:at] + extra + items[at:])
     for b in cfg.latency.batch_sizes:
         if any(f"lat_bs{b}_ms" in r for r in rows):
             cols.update({f"lat_bs{b}_ms": f"CPU ms bs{b}", f"speedup_bs{b}": f"speed-up bs{b}"})

@@ -262,6 +262,10 @@ def _run_line(b: _Bench, spec: RunSpec) -> dict[str, Any]:
         line["wall_earlier_s"] = round(earlier_s, 1)  # included in wall_s: epochs of the killed process
     if test is not None:
         line["val_top1"] = after["top1"]
+    scored = "val_top1" if test is not None else "top1"  # what compress scored on: the held-out split if any
+    for key in ("pruned", "recalibrated"):  # right after the removal step, before fine-tuning
+        if key in rep:
+            line[f"{key}_{scored}"] = rep[key]["top1"]
     return line
 
 

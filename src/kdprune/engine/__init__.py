@@ -1,7 +1,7 @@
 """Pruning engine: DepGraph channel groups, importance, allocation, width policies, the budget service
 (FLOPs/params/latency targets over any family of edits), physical removal, soft masks and the structure log. Never
 imports kdprune.distill/methods."""
-from kdprune.engine.allocate import MODES, Allocation, Global, PruningPlan, Uniform, plan_pruning, round_width
+from kdprune.engine.allocate import MODES, Allocation, Global, PruningPlan, Shaped, Uniform, plan_pruning, round_width
 from kdprune.engine.graph import (
     BARRIER_ATTR,
     TRACE_TIMEOUT_S,
@@ -59,6 +59,9 @@ from kdprune.engine.budget import (
 from kdprune.engine.widths import (WIDTH_POLICIES, FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy,
                                    fast_widths, measured_widths, snap_plan)
 from kdprune.engine.target import PruneReport, Target, prune_to_target
+from kdprune.engine.adaptive import AdaptiveBN, Candidate, Selection, select_allocation
+from kdprune.engine.recalibrate import (Recalibrate, RecalibrationReport, affected_norms, batch_norms,
+                                        recalibrate_norms)
 
 __all__ = [
     "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width",
@@ -82,4 +85,6 @@ __all__ = [
     "LATENCY_REFITS", "LATENCY_TOLERANCE", "LatencyCheck", "LatencyError", "verify_latency",
     "WIDTH_POLICIES", "FreeWidths", "LegalSteps", "MeasuredWidths", "RoundTo", "WidthPolicy", "fast_widths",
     "measured_widths", "snap_plan",
+    "AdaptiveBN", "Candidate", "Selection", "select_allocation", "Shaped",
+    "Recalibrate", "RecalibrationReport", "affected_norms", "batch_norms", "recalibrate_norms",
 ]

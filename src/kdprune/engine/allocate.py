@@ -12,7 +12,7 @@ from kdprune.engine.graph import ChannelGroup
 from kdprune.registry import check_choice, choice
 
 __all__ = ["PruningPlan", "plan_pruning", "round_width", "width_step", "lowest_channels", "MODES",
-           "Allocation", "Uniform", "Global"]
+           "Allocation", "AnyAllocation", "Uniform", "Global", "Shaped"]
 
 
 @choice("uniform")
@@ -37,8 +37,27 @@ class Global:
         return _global_keep(groups, scores, ratio)
 
 
-Allocation = Union[Uniform, Global]
+@choice("shaped")
+@dataclass(frozen=True)
+class Shaped:
+    """Uniform with a per-group multiplier: group ``root`` loses ``min(1, ratio * w)`` of its
+    channels (groups not listed: w = 1, so ``Shaped()`` is ``Uniform()``); the candidate
+    allocations an adaptive-BN search draws."""
+
+    weights: tuple[tuple[str, float], ...] = ()
+
+    def keeps(self, groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
+              ratio: float) -> list[int]:
+        """Kept width of each group at allocation ratio ``ratio``."""
+        w, n = dict(self.weights), len(groups)
+        return [g.channels - int(math.floor(min(1.0, ratio * w.get(g.root, 1.0)) * g.channels + (i + 0.5) / n))
+                for i, g in enumerate(groups)]
+
+
+Allocation = Union[Uniform, Global]  # what a recipe's ``mode`` chooses from
 MODES = (Uniform, Global)
+# what plan_pruning takes: also the drawn allocations of a search (kdprune.engine.adaptive)
+AnyAllocation = Union[Uniform, Global, Shaped]
 
 
 @dataclass(frozen=True)
@@ -94,10 +113,10 @@ def round_width(keep: int, channels: int, min_width: int = 1, round_to: int | No
 
 
 def _check(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float,
-           mode: Allocation, min_width: int, round_to: int | None) -> None:
+           mode: AnyAllocation, min_width: int, round_to: int | None) -> None:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    check_choice(mode, Allocation, "mode")
+    check_choice(mode, AnyAllocation, "mode")
     if min_width < 1:
         raise ValueError(f"min_width must be >= 1, got {min_width}")
     if round_to is not None and round_to < 1:
@@ -140,7 +159,7 @@ def plan_pruning(
     groups: Sequence[ChannelGroup],
     scores: Mapping[str, torch.Tensor],
     ratio: float,
-    mode: Allocation = Uniform(),
+    mode: AnyAllocation = Uniform(),
     min_width: int = 1,
     round_to: int | None = None,
 ) -> PruningPlan:

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from kdprune.engine.allocate import Allocation, PruningPlan, Uniform, plan_pruning
+from kdprune.engine.allocate import AnyAllocation, PruningPlan, Uniform, plan_pruning
 from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, LatencyCheck,
                                    LatencyError, Refine, Target, fit_budget)
 from kdprune.engine.describe import coverage_summary, describe
@@ -37,7 +37,7 @@ class PruneReport:
     dense: Complexity
     pruned: Complexity
     plan: PruningPlan
-    mode: Allocation
+    mode: AnyAllocation
     importance: Criterion
     evaluations: int
     widths: WidthPolicy = FreeWidths()
@@ -109,7 +109,7 @@ def prune_to_target(
     example_input: torch.Tensor,
     target: Target,
     importance: Criterion = L1(),
-    mode: Allocation = Uniform(),
+    mode: AnyAllocation = Uniform(),
     min_width: int = 1,
     round_to: int | None = None,
     scores: Mapping[str, torch.Tensor] | None = None,
@@ -160,7 +160,7 @@ def _policy(widths: WidthPolicy, round_to: int | None) -> WidthPolicy:
 
 
 def _fit(model: nn.Module, example_input: torch.Tensor, target: Target, groups: Sequence[ChannelGroup],
-         all_scores: Mapping[str, torch.Tensor], mode: Allocation, min_width: int, widths: WidthPolicy,
+         all_scores: Mapping[str, torch.Tensor], mode: AnyAllocation, min_width: int, widths: WidthPolicy,
          legal: Mapping[str, tuple[int, ...]] | None, meter: BudgetMeter) -> BudgetFit:
     round_to = widths.n if isinstance(widths, RoundTo) else None
     if legal is not None:

@@ -1,6 +1,7 @@
 """What every pruning recipe shares: the target, width rules, the fine-tune config, the context."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -8,12 +9,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.engine import FreeWidths, LatencyCheck, Target, WidthPolicy
+from kdprune.engine import FreeWidths, LatencyCheck, Recalibrate, Target, WidthPolicy, recalibrate_norms
 from kdprune.metrics import Backend
 from kdprune.registry import check_choice_fields
 from kdprune.training import SGD, Cosine, TrainConfig
 
 RECIPE_VERSION = 1
+
+#: Training batches the BatchNorm statistics are re-estimated on after a method's removal step
+#: (chosen on the validation split: docs/recalibration.md); a recipe's ``recal_batches=0`` turns it off.
+RECAL_BATCHES = 30
 
 
 def default_finetune() -> TrainConfig:
@@ -40,6 +45,7 @@ class PruneRecipe:
     round_to: int | None = None
     widths: WidthPolicy = FreeWidths()
     finetune: TrainConfig = field(default_factory=default_finetune)
+    recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after removal (0: off)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -48,6 +54,7 @@ class PruneRecipe:
             self.target_of()  # validates now: exactly one fraction in (0, 1)
         if self.round_to is not None and not isinstance(self.widths, FreeWidths):
             raise ValueError(f"{type(self).__name__}: give round_to or widths, not both")
+        check_recal_batches(self)
 
     def has_target(self) -> bool:
         """Whether any of target_flops/target_params/target_latency is set."""
@@ -61,6 +68,17 @@ class PruneRecipe:
     def target(self) -> Target:
         """The engine Target (validates: exactly one fraction in (0, 1))."""
         return self.target_of()
+
+
+def check_recal_batches(recipe: Any) -> None:
+    """ValueError unless ``recipe.recal_batches`` is a count >= 0."""
+    if recipe.recal_batches < 0:
+        raise ValueError(f"{type(recipe).__name__}.recal_batches must be >= 0 (0: off), got {recipe.recal_batches}")
+
+
+def recal_config(recipe: Any) -> Recalibrate:
+    """The recipe's BatchNorm re-estimation: ``recal_batches`` batches of its fine-tune batch size and seed."""
+    return Recalibrate(batches=recipe.recal_batches, batch_size=recipe.finetune.batch_size, seed=recipe.finetune.seed)
 
 
 def latency_info(check: LatencyCheck | None) -> dict[str, Any]:
@@ -87,6 +105,17 @@ class CompressContext:
     resume: bool
     progress: bool
     factory: Callable[[], nn.Module] | None = None  # rebuilds a non-zoo model for save/load
+    # The model right after the last removal step, before and after its BatchNorm re-estimation
+    # (compress scores both for the report's "pruned" rows).
+    removal: tuple[nn.Module, nn.Module | None] | None = None
+
+    def recalibrate(self, model: nn.Module, recipe: Any, before: nn.Module | None = None) -> dict[str, Any]:
+        """A removal step's BatchNorm re-estimation (``recipe.recal_batches`` training batches; of the
+        BatchNorms whose input changed since ``before``, all without it), remembered for the report."""
+        pre = copy.deepcopy(model)
+        rep = recalibrate_norms(model, self.train, recal_config(recipe), before)
+        self.removal = (pre.eval(), copy.deepcopy(model).eval() if rep.norms else None)
+        return rep.as_dict()
 
     def stage_dir(self, name: str) -> Path | None:
         """Sub-directory of out_dir for one stage (checkpoints), or None when not saving."""

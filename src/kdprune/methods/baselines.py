@@ -1,12 +1,14 @@
 """Baseline recipes users compare against: PFEC L1 + fine-tune, DepGraph group norm, KD fine-tune."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from kdprune.distill import KDTask
-from kdprune.engine import L1, L2, Allocation, Criterion, Global, Uniform, channel_groups, prune_to_target
+from kdprune.engine import (L1, L2, AdaptiveBN, Criterion, Global, PruneReport, Selection, Uniform, channel_groups,
+                            prune_to_target, select_allocation)
 from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
 from kdprune.methods.base import CompressContext, PruneRecipe, latency_info
@@ -20,7 +22,7 @@ from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
 class L1Finetune(PruneRecipe):
     """PFEC (Li et al. 2017): one-shot L1-norm filter pruning to the target, then fine-tune."""
 
-    mode: Allocation = Uniform()
+    mode: Selection = Uniform()
 
 
 @register_recipe("kd")
@@ -28,7 +30,7 @@ class L1Finetune(PruneRecipe):
 class KDFinetune(PruneRecipe):
     """L1 pruning as in L1Finetune, fine-tuned with KD (Hinton et al. 2015) from the dense model."""
 
-    mode: Allocation = Uniform()
+    mode: Selection = Uniform()
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -46,18 +48,31 @@ class GroupNorm(PruneRecipe):
 
     reg: float = 5e-4
     sparse: TrainConfig = field(default_factory=default_sparse)
-    mode: Allocation = Global()
+    mode: Selection = Global()
 
 
 def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: Criterion) -> dict:
-    """{"prune": what prune_to_target did} (and "latency_target": its end-to-end check)."""
+    """{"prune": what prune_to_target did, "recalibration": the BatchNorm re-estimation after it} (and
+    "latency_target": its end-to-end check)."""
     model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
-    rep = prune_to_target(model, ctx.example_input, recipe.target(), importance=importance, mode=recipe.mode,
-                          min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths)
+    before = copy.deepcopy(model)
+
+    def prune_copy(m: nn.Module, mode) -> PruneReport:
+        return prune_to_target(m, ctx.example_input, recipe.target(), importance=importance, mode=mode,
+                               min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths)
+
+    mode, search = recipe.mode, {}
+    if isinstance(mode, AdaptiveBN):
+        mode, cands = select_allocation(model, ctx.example_input, recipe.target(), mode, ctx.train, ctx.val,
+                                        prune_copy)
+        search = {"adaptive_bn": {"candidates": [c.as_dict() for c in cands],
+                                  "chosen": next(c.name for c in cands if c.allocation is mode)}}
+    rep = prune_copy(model, mode)
     prune = {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
              "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept,
              "channels_removed": rep.plan.num_removed, "widths": choice_name(rep.widths)}
-    return {"prune": prune, **latency_info(rep.latency)}
+    return {"prune": prune, **search, "recalibration": ctx.recalibrate(model, recipe, before),
+            **latency_info(rep.latency)}
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:

@@ -35,11 +35,12 @@ from kdprune.engine import (
     channel_groups,
     fit_budget,
     plan_pruning,
+    recalibrate_norms,
 )
-from kdprune.methods.base import EXTRA_MODELS, CompressContext, PruneRecipe, require_free_widths
+from kdprune.methods.base import EXTRA_MODELS, CompressContext, PruneRecipe, recal_config, require_free_widths
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import LatencyModel, complexity, shared_table
-from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, recalibrate_bn, train
+from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
 
 __all__ = ["Cascade", "levels", "CascadeTask", "CascadePruner", "taylor_scores", "extract"]
 
@@ -283,14 +284,17 @@ def _(recipe: Cascade, model: nn.Module, ctx: CompressContext) -> tuple[nn.Modul
     x = ctx.example_input.cpu()
     chain = [extract(model, rem, x) for rem in pruner.removed]
     dense = complexity(ctx.dense, example_input=x)
-    for m in chain:  # the shared BN statistics averaged every model of the chain
-        recalibrate_bn(m, ctx.train, seed=recipe.cascade.seed)
+    recal = replace(recal_config(recipe), seed=recipe.cascade.seed)
+    for m in chain[:-1]:  # the shared BN statistics averaged every model of the chain: re-estimate all
+        recalibrate_norms(m, ctx.train, recal)
+    recal_info = ctx.recalibrate(chain[-1], replace(recipe, finetune=replace(recipe.finetune, seed=recal.seed)))
     student, teacher = chain[-1], (chain[-2] if len(chain) > 1 else ctx.dense)
     ft = train(student, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "cascade finetune"),
                task=KDTask(copy.deepcopy(teacher), recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing),
                out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"), save_model=False)
     sizes = [complexity(m, example_input=x) for m in chain]
     info = {"levels": levels(recipe), "events": pruner.history[-1:], "cascade": history, "finetune": ft.history,
+            "recalibration": recal_info,
             "flops_kept": [s.flops / dense.flops for s in sizes],
             "params_kept": [s.params / dense.params for s in sizes],
             **({"latency_target": pruner.latency_check} if pruner.latency_check else {})}

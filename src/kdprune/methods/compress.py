@@ -104,6 +104,12 @@ def compress(
               "scored_on": "test" if test is not None else "val",
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
               "method": info, "wall_time_s": time.perf_counter() - start}
+    if ctx.removal is not None:  # right after the removal step: before fine-tuning, without and with recal.
+        pre, post = ctx.removal
+        report["pruned"] = measure(pre, scored, x)
+        if post is not None:
+            report["recalibrated"] = measure(post, scored, x)
+        ctx.removal = None
     if control_epochs is not None:
         report["control"] = _control(recipe, ctx, control_epochs, scored)
     if latency:
@@ -138,17 +144,25 @@ def _save(out: Path, model: nn.Module, report: dict, factory) -> None:
     (out / "report.md").write_text(report_markdown(report) + "\n")
 
 
+#: The report's rows in order (key, label): the pruned rows are the model right after the method's
+#: removal step, before any fine-tune, without and with the BatchNorm re-estimation.
+_ROWS = (("before", ""), ("control", ""), ("pruned", "pruned, no fine-tune"),
+         ("recalibrated", "pruned + BN recal., no fine-tune"), ("after", ""))
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """Before/after table: accuracy, params, FLOPs, latency (eager, onnxruntime when measured); the
     speed-ups, a latency target's check; then per-layer widths that changed."""
     rows = []
-    stages = ("before", "control", "after") if "control" in report else ("before", "after")
-    for stage in stages:
-        r = dict(report[stage], stage=stage)
+    for stage, label in _ROWS:
+        if stage not in report:
+            continue
+        r = dict(report[stage], stage=label or stage)
         if stage == "control":  # the dense architecture: the dense model's latency
             r["stage"] = f"dense + {report['control']['epochs']} epoch(s)"
+        timed = {"control": "before", "pruned": "after", "recalibrated": "after"}.get(stage, stage)
         for key, tag in (("latency_ms", "lat"), ("latency_onnxruntime_ms", "ort")):
-            lat = report.get(key, {}).get("before" if stage == "control" else stage, {})
+            lat = report.get(key, {}).get(timed, {})
             r.update({f"{tag}_bs{bs}_ms": v["median_ms"] for bs, v in lat.items()})
         rows.append(r)
     cols = {"stage": "", "top1": "top-1 %", "params": "params", "macs": "MACs",

@@ -12,6 +12,7 @@ the engine (edits, groups, budget) and distill (the KD task) meet.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -301,7 +302,9 @@ def _(recipe: EDP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     info: dict[str, Any] = {"sparse": _stage(model, recipe.sparse, "sparse", ctx, task,
                                              [GroupLassoProx(list(fams.values()))])}
     model.cpu()  # prune where the example input lives
+    pre = copy.deepcopy(model)
     info["prune"] = _prune_to_target(model, recipe, x, groups, fams, dense, ctx.dense)
+    info["recalibration"] = ctx.recalibrate(model, recipe, pre)  # merging later is exact: no second one
     if "latency_target" in info["prune"]:
         info["latency_target"] = info["prune"].pop("latency_target")
     info["finetune"] = _stage(model, recipe.finetune, "finetune", ctx, task)

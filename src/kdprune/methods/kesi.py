@@ -285,11 +285,13 @@ def _round(recipe: KESI, model: nn.Module, ctx: CompressContext, r: int, goal: f
     if done is not None:
         return done
     model.to("cpu")  # trace and measure on the example input's device
+    before = copy.deepcopy(model)
     try:
         info: dict[str, Any] = {"round": r, "prune": prune_round(recipe, model, ctx.example_input, goal, dense,
                                                                  ctx.dense)}
     except ValueError as e:
         raise ValueError(f"KESI round {r}: {e}") from None
+    info["recalibration"] = ctx.recalibrate(model, recipe, before)
     res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.retrain_config(), f"round {r}/{recipe.rounds}"),
                 out_dir=ctx.stage_dir(name), resume=ctx.resumable(name), save_model=False)
     info["retrain"] = res.history

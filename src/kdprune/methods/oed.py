@@ -35,7 +35,7 @@ from kdprune.engine import (
     mask_sites,
     verify_latency,
 )
-from kdprune.methods.base import CompressContext, latency_info
+from kdprune.methods.base import RECAL_BATCHES, CompressContext, check_recal_batches, latency_info
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Backend, complexity
 from kdprune.training import SGD, Step, TrainConfig, evaluate, train
@@ -84,6 +84,7 @@ class OED:
     # masks stop shrinking (lam 0), so the rest of the cycle trains the network without them.
     commit_at: float = 0.25
     ramp: float = 0.15
+    recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after the blocks go (0: off)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -98,6 +99,7 @@ class OED:
         if self.select_val < 1:
             raise ValueError("OED.select_val must be >= 1: the best replica is chosen on held-out training images")
         check_choice_fields(self)
+        check_recal_batches(self)
         self.target()  # validates: at most one target fraction, in (0, 1)
 
     def target(self) -> Target | None:
@@ -387,6 +389,7 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
                 out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)
     pruned, info = finish(net, recipe, x.cpu(), held, recipe.finetune)
+    info["recalibration"] = ctx.recalibrate(pruned, recipe)  # masks folded, blocks gone: every BN
     info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history)
     if len(callbacks) > 1:
         info.update(committed_blocks=callbacks[1].chosen, committed_at_step=callbacks[1].at)

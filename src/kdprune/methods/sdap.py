@@ -335,6 +335,7 @@ def _(recipe: SDAP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, 
     gated, pruned = sdap_stages(recipe)
     history, cuts = _train_gated(model, recipe, ctx, cb, task, gated)
     info = _finish(model, cb, ctx.example_input)
+    info["recalibration"] = ctx.recalibrate(model, recipe)  # gates folded: every BN re-estimated
     info["train"], info["removed_after_epochs"] = history, gated.epochs if pruned else None
     info["cut_each_epoch"] = cuts
     if pruned is not None:  # the rest of the run at the pruned cost

@@ -2,7 +2,7 @@
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
 from kdprune.training.carry import CarryOptimizerState, load_named_state, named_optimizer_state, slice_state
 from kdprune.training.config import SGD, Adam, AdamW, Anneal, Constant, Cosine, OneCycle, Step, TrainConfig
-from kdprune.training.evaluate import evaluate, recalibrate_bn
+from kdprune.training.evaluate import evaluate
 from kdprune.training.loop import TrainResult, check_input_compat, resolve_device, train
 from kdprune.training.params import param_groups
 from kdprune.training.runner import TaskModule
@@ -10,6 +10,6 @@ from kdprune.training.runner import TaskModule
 __all__ = [
     "Adam", "AdamW", "Anneal", "Callback", "CarryOptimizerState", "Constant", "Cosine", "LoopState", "OneCycle",
     "SGD", "Step", "StopTraining", "TaskModule", "TrainConfig", "TrainResult", "check_input_compat", "evaluate",
-    "load_named_state", "named_optimizer_state", "param_groups", "recalibrate_bn", "resolve_device", "slice_state",
+    "load_named_state", "named_optimizer_state", "param_groups", "resolve_device", "slice_state",
     "train",
 ]

@@ -47,28 +47,3 @@ def evaluate(
         model.train(was_training)
     meter.sync()
     return meter.compute()
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data, batches: int = 20, batch_size: int = 128, seed: int = 0) -> nn.Module:
-    """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) on
-    ``batches`` shuffled, unaugmented batches of ``data``; weights untouched; returns eval mode.
-    For sub-networks cut out of shared weights, whose BN statistics averaged several networks."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model.eval()
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative: every batch weighs the same
-    p = next(model.parameters())
-    model.train()
-    try:
-        for i, (x, _) in enumerate(as_loader(data, batch_size, shuffle=True, seed=seed)):
-            if i >= batches:
-                break
-            model(x.to(p.device))
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-    return model.eval()
