@@ -82,6 +82,17 @@ def test_out_is_never_overwritten_silently(base, tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_out_that_is_a_file_or_a_failed_start_is_a_clear_answer(base, tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    assert _compress(base, tmp_path / "file") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep me"
+    failed = tmp_path / "failed"  # an error after the marker was written (here: an unknown data set)
+    assert _compress(base, failed, "--data", "no-such-set") == 2
+    capsys.readouterr()
+    assert _compress(base, failed) == 0  # the corrected command is not refused
+
+
 # 3 ------------------------------------------------------------------------------------------
 def _recipe(argv: list[str]):
     return build_recipe(build_parser().parse_args(["compress", "--from", "x", "--out", "y", *argv]))

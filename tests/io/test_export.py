@@ -242,6 +242,21 @@ def test_cli_export(pruned, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing")]) == 2
 
 
+def test_an_export_never_overwrites_a_file_it_did_not_write(pruned, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(pruned[1], run)
+    saved = {p.name: p.read_bytes() for p in run.iterdir()}
+    for out in (run / "model.safetensors", run / "structure"):  # the weights; the sidecar would be structure.json
+        assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
+        assert "refusing to overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == saved  # nothing lost
+    with pytest.raises(ValueError, match="is a folder"):
+        kp.export(pruned[0], run, ExportFormat.TORCHSCRIPT, _x(2))
+    first = kp.export(pruned[0], tmp_path / "m.pt", ExportFormat.TORCHSCRIPT, _x(2))
+    again = kp.export(pruned[0], tmp_path / "m.pt", ExportFormat.TORCHSCRIPT, _x(2))  # an earlier export: fine
+    assert first.path == again.path and again.parity.passed
+
+
 def test_cli_export_onnx(pruned, tmp_path, capsys):
     _needs(ExportFormat.ONNX)
     assert main(["export", str(pruned[1]), "--opset", "18", "--out", str(tmp_path / "m.onnx"), "--json"]) == 0

@@ -219,8 +219,8 @@ RUN_MARKER = "kdprune-run.json"
 def run_kind(path: Path) -> str | None:
     """What kind of kdprune run `path` holds: "train", "compress", "other" (files that are not
     a kdprune run), or None (missing or empty)."""
-    if not path.is_dir() or not any(path.iterdir()):
-        return None
+    if not path.is_dir() or {p.name for p in path.iterdir()} <= {RUN_MARKER}:
+        return None  # empty, or only the marker of a run that failed before it wrote anything
     marker = path / RUN_MARKER
     if marker.is_file():
         return json.loads(marker.read_text()).get("kind", "other")
@@ -246,6 +246,8 @@ def prepare_out(out: Path, kind: str, resume: bool, overwrite: bool, source: Pat
     from kdprune.utils.dist import is_main_process
 
     _check_not_source(out, source)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
     if not is_main_process():
         return
     found = run_kind(out)

@@ -98,7 +98,30 @@ def _check_path(path: Path, fmt: ExportFormat) -> Path:
     if fmt is ExportFormat.EXPORTED_PROGRAM and path.suffix != ".pt2":
         raise ValueError(f"export: an ExportedProgram file must end in .pt2 (torch.export.load requires it), "
                          f"got {path}")
+    _check_overwrite(path)
     return path
+
+
+def _check_overwrite(path: Path) -> None:
+    """ValueError unless ``path`` and its sidecar are new files or an earlier export's pair: an export
+    never replaces a file it did not write (a saved model's weights, its structure.json, a checkpoint)."""
+    side = sidecar_path(path)
+    for p in (path, side):
+        if p.is_dir():
+            raise ValueError(f"export: {p} is a folder; give --out a file path")
+    if side.is_file() and _is_sidecar(side):
+        return  # re-exporting over an earlier export
+    for p in (path, side):
+        if p.exists():
+            raise ValueError(f"export: refusing to overwrite {p}: it is no earlier export's file (a saved model, "
+                             "checkpoint or other data would be lost); give --out a new path")
+
+
+def _is_sidecar(path: Path) -> bool:
+    try:
+        return "sidecar_version" in json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return False
 
 
 def _versions(fmt: ExportFormat) -> dict[str, str]:
