@@ -93,6 +93,15 @@ def test_out_that_is_a_file_or_a_failed_start_is_a_clear_answer(base, tmp_path, 
     assert _compress(base, failed) == 0  # the corrected command is not refused
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is present")
+def test_device_cuda_without_a_gpu_fails_before_anything_is_loaded(base, tmp_path, capsys):
+    assert _compress(base, tmp_path / "c", "--device", "cuda") == 2
+    assert _train(tmp_path / "t", "--device", "cuda:0") == 2
+    err = capsys.readouterr().err
+    assert err.count("sees no CUDA GPU") == 2 and len(err.strip().splitlines()) == 2
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()
+
+
 # 3 ------------------------------------------------------------------------------------------
 def _recipe(argv: list[str]):
     return build_recipe(build_parser().parse_args(["compress", "--from", "x", "--out", "y", *argv]))

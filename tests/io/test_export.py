@@ -239,6 +239,8 @@ def test_cli_export(pruned, tmp_path, capsys):
     assert rec["format"] == "exported-program" and rec["fold_bn"] is False and (tmp_path / "x.pt2").is_file()
     assert main(["export", str(run), "--format", "torchscript", "--opset", "17"]) == 2
     assert "opset applies" in capsys.readouterr().err
+    assert main(["export", str(run), "--opset", "7", "--out", str(tmp_path / "old.onnx")]) == 2
+    assert "opset 7 is not supported" in capsys.readouterr().err and not (tmp_path / "old.onnx").exists()
     assert main(["export", str(tmp_path / "missing")]) == 2
 
 

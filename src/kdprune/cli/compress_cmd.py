@@ -68,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and data, compress, print the table."""
     import kdprune as kp
     from kdprune.cli.common import load_source_data, model_dir, source_path
+    from kdprune.training import resolve_device
     from kdprune.utils.dist import is_main_process
     from kdprune.utils.meta import write_json
 
     recipe = build_recipe(args)
     recipe.target()  # validate before any loading
+    resolve_device(recipe.finetune.device)
     src, out = source_path(args.source), Path(args.out)
     model = kp.load_pruned(model_dir(src))
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)

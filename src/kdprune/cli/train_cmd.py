@@ -41,12 +41,14 @@ def load_run_data(cfg: RunConfig):
 def run(args: argparse.Namespace) -> int:
     """Build the config, the model and the data, then train."""
     import kdprune as kp
+    from kdprune.training import resolve_device
     from kdprune.utils.dist import is_main_process
 
     from kdprune.utils.seed import seed_everything
 
     args.model_kwargs = parse_kv(args.model_kwargs)
     cfg = build_run_config(args)
+    resolve_device(cfg.train.device)  # before any loading or writing
     train, val, test = load_run_data(cfg)
     prepare_out(Path(args.out), "train", args.resume, args.overwrite)
     seed_everything(cfg.train.seed)  # before the model draws its init: --seed alone fixes the run

@@ -88,6 +88,11 @@ def _normalization(model: nn.Module, given: Normalization | None) -> Normalizati
 
 def _opset(fmt: ExportFormat, opset: int | None) -> int | None:
     if fmt is ExportFormat.ONNX:
+        if opset is not None and int(opset) < DEFAULT_OPSET:
+            # torch's exporter writes opset 18 at least; below that onnx's version converter fails and
+            # the file would silently be opset 18 while the sidecar said otherwise
+            raise ValueError(f"export: opset {opset} is not supported: torch {torch.__version__}'s ONNX exporter "
+                             f"writes opset {DEFAULT_OPSET} or newer; give --opset {DEFAULT_OPSET} or more")
         return DEFAULT_OPSET if opset is None else int(opset)
     if opset is not None:
         raise ValueError(f"export: opset applies to ExportFormat.ONNX only, not {fmt}")

@@ -43,6 +43,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():  # fail now, not at the first .to() minutes in
+        raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu or auto")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", dist_info().local_rank)
     return dev
