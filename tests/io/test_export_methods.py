@@ -53,7 +53,9 @@ def test_every_method_exports_with_parity(pruned_models, name, fmt, tmp_path):
     model = pruned_models[name]
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     path = tmp_path / ("m.onnx" if fmt is ExportFormat.ONNX else "m.pt")
-    res = kp.export(model, path, fmt, example_input=x)
+    with torch.no_grad():  # float32 resolution: a tiny net whose BatchNorms were re-estimated after 2 steps
+        scale = max(1.0, float(model(x).abs().max()))  # of training can have logits in the thousands
+    res = kp.export(model, path, fmt, example_input=x, tolerance=1e-4 * scale)
     rep = res.parity
-    assert rep.passed and rep.max_abs_diff <= 1e-4 and rep.argmax_agreement == 1.0
+    assert rep.passed and rep.max_abs_diff <= 1e-4 * scale and rep.argmax_agreement == 1.0
     assert 1 in rep.batch_sizes and max(rep.batch_sizes) > 2  # a batch other than the export's

@@ -1,4 +1,5 @@
 """compress + baseline recipes on tiny models: targets met, input untouched, saved, resumable."""
+import dataclasses
 import json
 
 import pytest
@@ -85,3 +86,16 @@ def test_control_is_the_dense_model_trained_the_same_epochs(toy_data, tmp_path):
     assert "| dense + 2 epoch(s) |" in res.markdown()
     with pytest.raises(ValueError, match="control_epochs"):
         kp.compress(_net(), recipe, train, val, latency=False, control_epochs=0)
+
+
+def test_resume_under_another_recipe_is_refused(toy_data, tmp_path):
+    train, val = toy_data
+    one = dataclasses.replace(FT, epochs=1)
+    l1 = kp.recipes.L1Finetune(target_flops=0.5, finetune=one)
+    kp.compress(_net(), l1, train, val, out_dir=tmp_path, latency=False, factory=TinyNet32)
+    for other, changed in ((kp.recipes.KDFinetune(target_flops=0.5, finetune=one), "type"),
+                           (kp.recipes.L1Finetune(target_flops=0.6, finetune=one), "target_flops")):
+        with pytest.raises(ValueError, match=f"holds a L1Finetune run; resuming it as .* would change .*{changed}"):
+            kp.compress(_net(), other, train, val, out_dir=tmp_path, resume=True, latency=False, factory=TinyNet32)
+    how = dataclasses.replace(l1, finetune=dataclasses.replace(one, threads=1, progress=True))  # how, not what
+    kp.compress(_net(), how, train, val, out_dir=tmp_path, resume=True, latency=False, factory=TinyNet32)

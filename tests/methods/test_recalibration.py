@@ -152,3 +152,16 @@ def test_adaptive_bn_sees_dead_channels_that_a_uniform_rate_cannot(toy_data):
     assert search["chosen"] != "uniform" and scores[search["chosen"]] >= scores["global"]
     # conv2's surviving channels see what they saw: no BatchNorm went stale, none was re-estimated
     assert "recalibrated" not in res.report and res.report["pruned"]["top1"] == scores[search["chosen"]]
+
+
+def test_a_fine_tune_after_the_re_estimation_trains_the_same_weights(toy_data):
+    """Train-mode BatchNorm normalises by the batch and never reads its running statistics: the
+    re-estimation changes the model right after the cut (and any choice scored then), not the
+    weights a fine-tune learns from it. Its running statistics are then overwritten at momentum 0.1."""
+    train, val = toy_data
+    base = _trained(toy_data)
+    runs = [kp.compress(base, kp.recipes.L1Finetune(target_flops=0.3, finetune=FT, recal_batches=n), train, val,
+                        latency=False).model for n in (30, 0)]
+    (a, b) = (dict(m.named_parameters()) for m in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(x, y) for x, y in zip(runs[0].buffers(), runs[1].buffers()))

@@ -20,6 +20,7 @@ from kdprune.data import SPLIT_SEED, ImageDataset
 from kdprune.engine import Target
 from kdprune.io import load_pruned
 from kdprune.methods import compress, infer_example_input
+from kdprune.methods.compress import recipe_identity
 from kdprune.methods.base import default_finetune
 from kdprune.metrics import complexity
 from kdprune.training import evaluate, resolve_device, train
@@ -207,21 +208,9 @@ def _base_line(b: _Bench) -> None:
 
 
 _RUN_FILE = "bench_run.json"
-_RUN_WIDE = ("threads", "progress", "device", "eval_batch_size", "label")  # do not change what a run computes
-
-
-def _identity(recipe: Any) -> dict[str, Any]:
-    """The recipe as JSON minus the run-wide settings a resumed run may change (threads...)."""
-    data = to_tagged_dict(recipe)
-    for k, v in data.items():
-        if isinstance(v, dict) and "epochs" in v and "optimizer" in v:
-            data[k] = {f: x for f, x in v.items() if f not in _RUN_WIDE}
-    return {"type": type(recipe).__name__, **json.loads(json.dumps(data))}
-
-
 def _claim(out: Path, spec: RunSpec) -> None:
     """Mark ``out`` as this run's folder; refuse one left by another recipe (a changed config)."""
-    mine, path = _identity(spec.recipe), out / _RUN_FILE
+    mine, path = recipe_identity(spec.recipe), out / _RUN_FILE
     if path.is_file() and json.loads(path.read_text()) != mine:
         raise ValueError(f"{out} holds run {spec.tag} of another recipe (the config changed since): delete "
                            f"that folder to rerun it, or give the method another label")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,6 +97,8 @@ def compress(
     dense = copy.deepcopy(model).eval()
     before = measure(dense, scored, x)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and is_main_process():
+        _claim_run(out, recipe, resume)
     ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
     pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
     extras = info.pop(EXTRA_MODELS, {})
@@ -120,6 +123,33 @@ def compress(
         for name, m in extras.items():
             save_pruned(m, out / name, factory=factory)
     return CompressResult(pruned, report, out, extras)
+
+
+#: TrainConfig fields that say how a run runs, not what it computes: a resume may change them.
+RUN_WIDE = ("threads", "progress", "device", "eval_batch_size", "label")
+RECIPE_FILE = "recipe.json"
+
+
+def recipe_identity(recipe: Any) -> dict[str, Any]:
+    """The recipe as JSON (type and every field) minus the run-wide settings a resume may change."""
+    data = to_tagged_dict(recipe)
+    for k, v in data.items():
+        if isinstance(v, dict) and "epochs" in v and "optimizer" in v:
+            data[k] = {f: x for f, x in v.items() if f not in RUN_WIDE}
+    return {"type": type(recipe).__name__, **json.loads(json.dumps(data))}
+
+
+def _claim_run(out: Path, recipe: Any, resume: bool) -> None:
+    """Record the recipe in ``out``; a resume under another recipe (method, target, any field) is refused."""
+    mine, path = recipe_identity(recipe), out / RECIPE_FILE
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        if old != mine:
+            changed = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+            raise ValueError(f"{out} holds a {old.get('type')} run; resuming it as {mine['type']} would change "
+                             f"{', '.join(changed)}: resume with the same options, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, mine)
 
 
 def _control(recipe: Any, ctx: CompressContext, epochs: int, scored: Any) -> dict[str, Any]:
