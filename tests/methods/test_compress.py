@@ -7,7 +7,7 @@ import torch
 
 import kdprune as kp
 
-from ..conftest import TinyNet, assert_resume_is_bit_exact
+from ..conftest import TinyNet, assert_resume_is_bit_exact, make_images
 
 FT = kp.TrainConfig(epochs=2, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
 
@@ -99,3 +99,17 @@ def test_resume_under_another_recipe_is_refused(toy_data, tmp_path):
             kp.compress(_net(), other, train, val, out_dir=tmp_path, resume=True, latency=False, factory=TinyNet32)
     how = dataclasses.replace(l1, finetune=dataclasses.replace(one, threads=1, progress=True))  # how, not what
     kp.compress(_net(), how, train, val, out_dir=tmp_path, resume=True, latency=False, factory=TinyNet32)
+
+
+def test_data_that_does_not_fit_the_model_fails_before_anything_runs(toy_data):
+    train, val = toy_data
+    recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=FT)
+    rgb = make_images(16, chans=3)
+    with pytest.raises(ValueError, match="in_chans=1 but the data has 3 channels"):
+        kp.compress(_net(), recipe, rgb, None, latency=False)
+    ten = make_images(16, classes=10)
+    with pytest.raises(ValueError, match="4 outputs but the data has 10 classes; create the model with num_classes=10"):
+        kp.compress(_net(), recipe, ten, None, latency=False)
+    vectors = torch.utils.data.TensorDataset(torch.randn(16, 64), torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"samples have shape \(64,\).*takes \[C, H, W\] images"):
+        kp.compress(_net(), recipe, vectors, None, latency=False)

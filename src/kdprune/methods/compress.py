@@ -15,7 +15,7 @@ from kdprune.io import save_pruned
 from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import Backend, available_backends, compare_backends, complexity, format_markdown, layer_widths
-from kdprune.training import evaluate, train
+from kdprune.training import check_input_compat, evaluate, train
 from kdprune.training.config_io import to_tagged_dict
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import run_metadata, write_json
@@ -92,7 +92,11 @@ def compress(
     ``test``: a held-apart set the report scores on (``val`` is then only for the run's choices and
     per-epoch scores, e.g. a split carved from the training set)."""
     start = time.perf_counter()
+    check_input_compat(model, train)  # before anything runs: a wrong set fails naming both
     x = example_input if example_input is not None else infer_example_input(train)
+    if x.dim() != 4 and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ValueError(f"the data's samples have shape {tuple(x.shape[1:])}, but {type(model).__name__} has 2-D "
+                         "convolutions: it takes [C, H, W] images")
     scored = test if test is not None else val
     dense = copy.deepcopy(model).eval()
     before = measure(dense, scored, x)

@@ -51,14 +51,37 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_input_compat(model: nn.Module, data: Any) -> None:
-    """Fail early, naming both, when the model's input channels do not match the data's."""
+    """Fail early, naming both, when the model's input channels or class count do not fit the data's."""
+    _check_channels(model, data)
+    _check_classes(model, data)
+
+
+def _data_attr(data: Any, name: str) -> Any:
+    value = getattr(data, name, None)
+    return getattr(data.dataset, name, None) if value is None and hasattr(data, "dataset") else value
+
+
+def _check_classes(model: nn.Module, data: Any) -> None:
+    try:
+        classes = _data_attr(data, "num_classes")
+    except (ValueError, IndexError):  # an empty set: the loader says so
+        return
+    # the head: the model's num_classes, or its last registered layer when that is a Linear (an SE
+    # block's Linear mid-network says nothing about the classes)
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    head = owners[-1] if owners and isinstance(owners[-1], nn.Linear) else None
+    outputs = getattr(model, "num_classes", None) or (head.out_features if head is not None else None)
+    if isinstance(classes, int) and isinstance(outputs, int) and outputs < classes:
+        raise ValueError(f"the model has {outputs} outputs but the data has {classes} classes; "
+                         f"create the model with num_classes={classes}")
+
+
+def _check_channels(model: nn.Module, data: Any) -> None:
     model_c = getattr(model, "in_chans", None)
     if model_c is None:
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         model_c = first.in_channels if first is not None else None
-    data_c = getattr(data, "in_chans", None)
-    if data_c is None and hasattr(data, "dataset"):
-        data_c = getattr(data.dataset, "in_chans", None)
+    data_c = _data_attr(data, "in_chans")
     if model_c is not None and data_c is not None and model_c != data_c:
         raise ValueError(
             f"model expects in_chans={model_c} but the data has {data_c} channels; "
