@@ -52,6 +52,12 @@ def test_onecycle_matches_torch():
     assert ours == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7])
+def test_onecycle_on_a_few_steps_has_no_empty_phase(steps):
+    lrs = _lrs(OneCycle(max_lr=0.5, pct_start=0.2), steps_per_epoch=steps, epochs=1, lr=0.5)
+    assert len(lrs) == steps and all(0 < lr <= 0.5 for lr in lrs)  # was: ZeroDivisionError at 5 steps
+
+
 def test_optimizer_types():
     p = [torch.nn.Parameter(torch.zeros(1))]
     assert isinstance(build_optimizer(AdamW(lr=1e-3), p), torch.optim.AdamW)

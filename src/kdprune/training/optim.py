@@ -77,8 +77,17 @@ def _(cfg: Cosine, opt, steps_per_epoch: int, epochs: int) -> LRScheduler:
 @build_schedule.register
 def _(cfg: OneCycle, opt, steps_per_epoch: int, epochs: int) -> LRScheduler:
     max_lr = cfg.max_lr if cfg.max_lr is not None else opt.param_groups[0]["lr"]
+    total = steps_per_epoch * epochs
+    if total < 3:  # no room for a warm-up and an anneal (a smoke run): the peak throughout
+        for g in opt.param_groups:
+            g["lr"] = max_lr
+        return LambdaLR(opt, lambda _: 1.0)
+    # torch divides by (pct_start * total - 1) and by the anneal's length: where one would be <= 0,
+    # a warm-up of one step (elsewhere torch's own schedule, unchanged)
+    pct = cfg.pct_start if cfg.pct_start * total > 1 else 2.0 / total
+    pct = min(pct, (total - 1.0) / total)
     return OneCycleLR(
-        opt, max_lr=max_lr, total_steps=steps_per_epoch * epochs, pct_start=cfg.pct_start,
+        opt, max_lr=max_lr, total_steps=total, pct_start=pct,
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
         anneal_strategy=cfg.anneal_strategy.value,
     )
