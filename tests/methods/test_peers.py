@@ -90,3 +90,13 @@ def test_a_log_that_does_not_replay_the_peer_is_refused():
     peers._check_replay(dense, model, edits, x)  # the full log replays bit for bit
     with pytest.raises(ValueError, match="cannot replay"):
         peers._check_replay(dense, model, edits[:-1], x)
+
+
+def test_tp_groupnorm_on_a_grouped_conv_is_a_clear_error_before_training(toy_data):
+    from ..engine.constructs import ResNeXtNet
+    from ..conftest import make_images
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="GroupNormPruner cannot regularise ResNeXtNet .*--method groupnorm"):
+        kp.compress(ResNeXtNet(), kp.recipes.TPGroupNorm(target_flops=0.5, finetune=FT, sparse=FT),
+                    make_images(32, chans=3), None, latency=False)

@@ -185,6 +185,20 @@ class TPRegularizer(Callback):
         self.pruner.regularize(state.model)
 
 
+def _check_regularize(recipe: Any, model: nn.Module, x: torch.Tensor, setup: PeerSetup) -> None:
+    """One regularisation step on a copy before training: the peer library's own failure (an
+    IndexError on grouped, non-depthwise convs) becomes a one-line error naming the way out."""
+    probe = copy.deepcopy(model)
+    for p in probe.parameters():
+        p.grad = torch.zeros_like(p)
+    try:
+        _make_pruner(recipe, probe, x, setup, 0.5).regularize(probe)
+    except (IndexError, RuntimeError, KeyError) as e:
+        raise ValueError(f"torch-pruning {tp.__version__}'s {_pruner_type(recipe).__name__} cannot regularise "
+                         f"{type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0]}; it fails on grouped, "
+                         "non-depthwise convs); use kdprune's own --method groupnorm instead") from None
+
+
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext) -> list[dict]:
     res = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "finetune"),
                 out_dir=ctx.stage_dir("finetune"), resume=ctx.resumable("finetune"), save_model=False)
@@ -204,6 +218,7 @@ def _(recipe: TPGroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.M
     setup = PeerSetup.of(model, ctx.example_input)
     # The sparse stage's pruner only regularises (its ratio is unused); pruning builds fresh ones.
     pruner = _make_pruner(recipe, model, ctx.example_input, setup, 0.5)
+    _check_regularize(recipe, model, ctx.example_input, setup)
     sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse, "sparse"),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
                    callbacks=[TPRegularizer(pruner)], save_model=False)
