@@ -113,3 +113,13 @@ def test_data_that_does_not_fit_the_model_fails_before_anything_runs(toy_data):
     vectors = torch.utils.data.TensorDataset(torch.randn(16, 64), torch.zeros(16, dtype=torch.long))
     with pytest.raises(ValueError, match=r"samples have shape \(64,\).*takes \[C, H, W\] images"):
         kp.compress(_net(), recipe, vectors, None, latency=False)
+
+
+def test_a_user_model_saved_without_its_factory_fails_before_training(toy_data, tmp_path, monkeypatch):
+    from kdprune.training import loop
+
+    train, val = toy_data
+    monkeypatch.setattr(loop, "_run_epochs", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match="no factory was given"):
+        kp.compress(_net(), kp.recipes.L1Finetune(target_flops=0.5, finetune=FT), train, val, out_dir=tmp_path,
+                    latency=False)

@@ -22,7 +22,7 @@ from kdprune.engine.structure import FORMAT_VERSION, StructureLog, get_structure
 from kdprune.io.fold import FOLDED_ATTR
 from kdprune.utils.meta import atomic_write_bytes, write_json
 
-__all__ = ["save_pruned", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name", "state_sha256"]
+__all__ = ["save_pruned", "check_savable", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name", "state_sha256"]
 
 STRUCTURE_FILE = "structure.json"
 FACTORY_ATTR = "kdprune_factory"
@@ -89,6 +89,12 @@ def _model_record(model: nn.Module, factory: Callable[[], nn.Module] | None) -> 
     if spec is not None:
         rec["name"], rec["kwargs"] = spec["name"], dict(spec.get("kwargs", {}))
     return rec
+
+
+def check_savable(model: nn.Module, factory: Callable[[], nn.Module] | None = None) -> None:
+    """ValueError now, naming the fix, when ``save_pruned(model, ..., factory)`` could not record how to
+    rebuild the model (a user model without a factory): before a long run, not after it."""
+    _model_record(model, factory)
 
 
 def save_pruned(model: nn.Module, directory: str | Path, factory: Callable[[], nn.Module] | None = None) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.io import save_pruned
+from kdprune.io import check_savable, save_pruned
 from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import Backend, available_backends, compare_backends, complexity, format_markdown, layer_widths
@@ -101,6 +101,8 @@ def compress(
     dense = copy.deepcopy(model).eval()
     before = measure(dense, scored, x)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_savable(model, factory)  # a user model without factory= fails now, not after training
     if out is not None and is_main_process():
         _claim_run(out, recipe, resume)
     ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
