@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kdprune.cli.common import add_data_args, add_train_args, merge_train_flags, prepare_out
+from kdprune.cli.user_model import add_model_args, load_cli_model
 from kdprune.cli.recipe_flags import (RUN_WIDE, add_recipe_args, apply_recipe_flags, defaults_epilog, methods,
                                      recipe_fields)
 from kdprune.training.config_io import from_dict, load_yaml, merge_tagged, to_tagged_dict
@@ -22,9 +23,10 @@ def add_parser(sub) -> None:
                                    "metrics.jsonl, checkpoint.pt) into --out; --resume continues.",
                        epilog=defaults_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(methods()), help="recipe (default l1)")
-    p.add_argument("--from", dest="source", required=True,
+    p.add_argument("--from", dest="source",
                    help="run directory, saved model folder, or pretrained:NAME "
-                        "(a shipped base: `kdprune info --list`)")
+                        "(a shipped base: `kdprune info --list`); or --factory + --weights")
+    add_model_args(p)
     p.add_argument("--config", help="YAML: {method: NAME, recipe: {fields of the recipe}}; merged field by "
                                     "field over the method's own defaults")
     add_recipe_args(p)
@@ -67,7 +69,7 @@ def build_recipe(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Load the model and data, compress, print the table."""
     import kdprune as kp
-    from kdprune.cli.common import load_source_data, model_dir, source_path
+    from kdprune.cli.common import load_source_data
     from kdprune.training import resolve_device
     from kdprune.utils.dist import is_main_process
     from kdprune.utils.meta import write_json
@@ -75,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     recipe.target()  # validate before any loading
     resolve_device(recipe.finetune.device)
-    src, out = source_path(args.source), Path(args.out)
-    model = kp.load_pruned(model_dir(src))
+    out = Path(args.out)
+    model, factory, src = load_cli_model(args.source, args)
     prepare_out(out, "compress", args.resume, args.overwrite, source=src)
     data, train, val, test = load_source_data(src, args, seed=recipe.finetune.seed)
     res = kp.compress(model, recipe, train, val, out_dir=out, resume=args.resume,
                       progress=recipe.finetune.progress, latency=not args.no_latency,
-                      control_epochs=args.control, test=test)
+                      control_epochs=args.control, test=test, factory=factory)
     if is_main_process():  # so `kdprune eval OUT` finds the same data
         write_json(out / "config.json", {"run": data, "source": str(src), "recipe": res.report["recipe"]})
     print(res.markdown())

@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from kdprune.cli.common import add_data_args, load_source_data, model_dir, source_path
+from kdprune.cli.common import add_data_args, load_source_data
+from kdprune.cli.user_model import add_model_args, load_cli_model
 
 BACKENDS = ("eager", "channels-last", "torchscript", "onnxruntime")
 
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a saved model directory",
                        description="Evaluate a run directory from `kdprune train`/`compress` or a saved "
                                    "model directory (structure.json + model.safetensors).")
-    p.add_argument("path", help="run directory or saved model directory")
+    p.add_argument("path", nargs="?", help="run directory or saved model directory (or --factory + --weights)")
+    add_model_args(p)
     add_data_args(p)
     p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
@@ -32,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print."""
     import kdprune as kp
 
-    path = source_path(args.path)
-    model = kp.load_pruned(model_dir(path))
+    model, _, path = load_cli_model(args.path, args)
     data, _, val, _ = load_source_data(path, args)
     report = {"model": str(path), "data": data["data"], **kp.evaluate(model, val, batch_size=args.batch_size)}
     report.update(kp.complexity(model, input_size=(1, *val.images.shape[1:])).as_dict())

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdprune.cli.common import model_dir, run_data_name, source_path
+from kdprune.cli.common import run_data_name
+from kdprune.cli.user_model import add_model_args, load_cli_model
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 
@@ -19,7 +20,9 @@ def add_parser(sub) -> None:
                        description="Export a run directory from `kdprune train`/`compress` or a saved model "
                                    "directory, check the artefact against the eager model, and write a sidecar "
                                    "JSON (<file>.json) with input shape, normalisation, source hash and parity.")
-    p.add_argument("path", help="run directory, saved model directory, or pretrained:NAME")
+    p.add_argument("path", nargs="?", help="run directory, saved model directory, or pretrained:NAME (or --factory "
+                                           "+ --weights)")
+    add_model_args(p)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="artefact format (default onnx)")
     p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="fold each BatchNorm into the conv before it (default on)")
@@ -70,6 +73,8 @@ def _out_path(path: Path, args: argparse.Namespace, suffix: str) -> Path:
 
     if args.out:
         return Path(args.out)
+    if path.is_file():  # --weights FILE: the artefact beside it
+        return path.with_name(path.stem + suffix)
     if str(args.path).startswith(PREFIX):
         raise ValueError("give --out for a shipped base (its folder is part of the installed package)")
     return path / f"model{suffix}"
@@ -85,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from kdprune.registry import choices_of
 
     fmt = choices_of(kp.ExportFormat)[args.format]
-    path = source_path(args.path)
-    model = kp.load_pruned(model_dir(path))
+    model, _, path = load_cli_model(args.path, args)
     data = _data(path, args)
     example = torch.randn(*_example_shape(model, args, data), generator=torch.Generator().manual_seed(0))
     inputs = norm = None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdprune.cli.user_model import add_model_args
+
 
 def add_parser(sub) -> None:
     """Register the `info` sub-command."""
@@ -14,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--in-chans", type=int, default=1, help="input channels for --model (default 1)")
     p.add_argument("--input-size", type=int, default=28, help="input height = width (default 28)")
     p.add_argument("--list", action="store_true", help="list zoo models and data sets")
+    add_model_args(p)
     p.add_argument("--layers", action="store_true", help="print the per-layer table")
     p.add_argument("--groups", action="store_true",
                    help="which convs/linears pruning can narrow, and why the others stay whole")
@@ -23,7 +26,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the summary."""
     import kdprune as kp
-    from kdprune.cli.common import model_dir, source_path
+    from kdprune.cli.user_model import load_cli_model
     from kdprune.metrics import format_table, layer_table
 
     if args.list:
@@ -31,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print("datasets: " + ", ".join(kp.data.list_datasets()))
         print("shipped bases (--from pretrained:NAME): " + ", ".join(kp.list_pretrained()))
         return 0
-    if args.path:
-        model = kp.load_pruned(model_dir(source_path(args.path)))
+    if args.path or args.weights or args.factory:
+        model = load_cli_model(args.path, args)[0]
         in_chans = getattr(model, "in_chans", args.in_chans)
     elif args.model:
         model = kp.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
