@@ -150,3 +150,13 @@ def test_window_is_a_slice_of_the_same_schedule():
     for offset, n in [(-1, 1), (3, 2), (0, 5)]:
         with pytest.raises(ValueError, match="not within"):
             run.window(offset, n)
+
+
+def test_max_steps_per_epoch_caps_the_evaluation_too(toy_data):
+    train_set, val_set = toy_data
+    torch.manual_seed(0)
+    model, seen = TinyNet(), []
+    model.register_forward_hook(lambda m, a, out: None if m.training else seen.append(a[0].shape[0]))
+    cfg = TrainConfig(epochs=1, batch_size=16, eval_batch_size=8, max_steps_per_epoch=1, progress=False)
+    train(model, train_set, val_set, cfg)
+    assert seen == [8]  # one evaluation batch of the 32 validation images, not four

@@ -27,8 +27,10 @@ def evaluate(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     bf16: bool = False,
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (percent) of `model` on `data`."""
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent) of `model` on `data` (its first
+    ``max_batches`` batches when given: smoke runs)."""
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -38,7 +40,9 @@ def evaluate(
     meter = AccuracyMeter()
     loader = as_loader(_shard(data), batch_size, shuffle=False, rank=0, world_size=1)
     try:
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)

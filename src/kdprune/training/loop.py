@@ -331,7 +331,9 @@ def _evaluate_all(bundle: TaskModule, val_data: Any, cfg: TrainConfig, device) -
     row: dict[str, float] = {}
     for name, m in task_eval_models(bundle.task, bundle.model).items():
         prefix = f"val_{name}_" if name else "val_"
-        row.update({prefix + k: v for k, v in evaluate(m, val_data, cfg.eval_batch_size, device, cfg.bf16).items()})
+        # max_steps_per_epoch caps the per-epoch evaluation too (a smoke run's val set can be large)
+        scores = evaluate(m, val_data, cfg.eval_batch_size, device, cfg.bf16, max_batches=cfg.max_steps_per_epoch)
+        row.update({prefix + k: v for k, v in scores.items()})
     return row
 
 
