@@ -46,7 +46,8 @@ def main() -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| target | batches (x128 images) | val top-1 % (mean ± std, 3 seeds) | seconds |", "|---|---:|---:|---:|"]
+    lines = ["| target | batches (x128 images) | val top-1 % (mean ± std, 3 seeds) | seconds |",
+             "|---|---:|---:|---:|"]
     for t in dict.fromkeys(r["target"] for r in rows):
         for n in BATCHES:
             v = [r["val_top1"] for r in rows if r["target"] == t and r["batches"] == n]

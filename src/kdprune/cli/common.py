@@ -86,7 +86,8 @@ def add_train_args(p: argparse.ArgumentParser, per_method: bool = False) -> None
     g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--max-steps-per-epoch", type=int, help="cap training steps and per-epoch evaluation batches per epoch (smoke runs)")
+    g.add_argument("--max-steps-per-epoch", type=int,
+                   help="cap training steps and per-epoch evaluation batches per epoch (smoke runs)")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs (default 1)")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    help="no progress bars or per-epoch lines")

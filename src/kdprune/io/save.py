@@ -22,7 +22,8 @@ from kdprune.engine.structure import FORMAT_VERSION, StructureLog, get_structure
 from kdprune.io.fold import FOLDED_ATTR
 from kdprune.utils.meta import atomic_write_bytes, write_json
 
-__all__ = ["save_pruned", "check_savable", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name", "state_sha256"]
+__all__ = ["save_pruned", "check_savable", "load_pruned", "STRUCTURE_FILE", "WEIGHTS_FILE", "factory_name",
+           "state_sha256"]
 
 STRUCTURE_FILE = "structure.json"
 FACTORY_ATTR = "kdprune_factory"

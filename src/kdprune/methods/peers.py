@@ -161,7 +161,8 @@ def _fit_and_prune(recipe: Any, model: nn.Module, ctx: CompressContext) -> dict[
                      "are too coarse here); try mode=Global() or another target")
     edits = tp_prune(recipe, model, x, setup, fit.best.candidate)
     _check_replay(reference, model, edits, x)
-    return {"prune": _prune_info(recipe, target, fit, edits), "recalibration": ctx.recalibrate(model, recipe, reference),
+    return {"prune": _prune_info(recipe, target, fit, edits),
+            "recalibration": ctx.recalibrate(model, recipe, reference),
             **latency_info(fit.latency)}
 
 
