@@ -123,3 +123,13 @@ def test_a_user_model_saved_without_its_factory_fails_before_training(toy_data, 
     with pytest.raises(ValueError, match="no factory was given"):
         kp.compress(_net(), kp.recipes.L1Finetune(target_flops=0.5, finetune=FT), train, val, out_dir=tmp_path,
                     latency=False)
+
+
+def test_a_field_added_since_a_run_started_changes_nothing_at_its_default():
+    from kdprune.methods.compress import identity_changes, recipe_identity
+
+    recipe = kp.recipes.L1Finetune(target_flops=0.5)
+    recorded = {k: v for k, v in recipe_identity(recipe).items() if k != "ignored_layers"}  # an older record
+    assert identity_changes(recorded, recipe) == []
+    assert identity_changes(recorded, dataclasses.replace(recipe, ignored_layers=("fc",))) == ["ignored_layers"]
+    assert identity_changes(recorded, dataclasses.replace(recipe, target_flops=0.4)) == ["target_flops"]

@@ -20,7 +20,7 @@ from kdprune.data import SPLIT_SEED, ImageDataset
 from kdprune.engine import Target
 from kdprune.io import load_pruned
 from kdprune.methods import compress, infer_example_input
-from kdprune.methods.compress import recipe_identity
+from kdprune.methods.compress import identity_changes, recipe_identity
 from kdprune.methods.base import default_finetune
 from kdprune.metrics import complexity
 from kdprune.training import evaluate, resolve_device, train
@@ -211,7 +211,7 @@ _RUN_FILE = "bench_run.json"
 def _claim(out: Path, spec: RunSpec) -> None:
     """Mark ``out`` as this run's folder; refuse one left by another recipe (a changed config)."""
     mine, path = recipe_identity(spec.recipe), out / _RUN_FILE
-    if path.is_file() and json.loads(path.read_text()) != mine:
+    if path.is_file() and identity_changes(json.loads(path.read_text()), spec.recipe):
         raise ValueError(f"{out} holds run {spec.tag} of another recipe (the config changed since): delete "
                            f"that folder to rerun it, or give the method another label")
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ def _scalar_type(tp: Any) -> tuple[Any, bool] | None:
         return _scalar_type(args[0]) if len(args) == 1 else None
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
-        return (args[0], True) if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float) else None
+        listed = len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str)
+        return (args[0], True) if listed else None
     return (tp, False) if tp in (bool, int, float, str) else None
 
 

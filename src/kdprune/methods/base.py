@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +47,7 @@ class PruneRecipe:
     widths: WidthPolicy = FreeWidths()
     finetune: TrainConfig = field(default_factory=default_finetune)
     recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after removal (0: off)
+    ignored_layers: tuple[str, ...] = ()  # layer names or globs ("stem.*") kept whole, with what they couple
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -68,6 +70,23 @@ class PruneRecipe:
     def target(self) -> Target:
         """The engine Target (validates: exactly one fraction in (0, 1))."""
         return self.target_of()
+
+
+def ignored_names(recipe: Any, model: nn.Module) -> list[str]:
+    """The module names of ``model`` that ``recipe.ignored_layers`` (names or fnmatch globs) select,
+    with their submodules;
+    ValueError for a pattern that selects nothing (a typo would otherwise prune the layer)."""
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for pattern in getattr(recipe, "ignored_layers", ()):
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"ignored_layers: {pattern!r} names no layer of {type(model).__name__} "
+                             f"(`kdprune info PATH --layers` lists them)")
+        # a matched container keeps its parts too (EDP's decomposed conv, a whole block)
+        parts = [n for n in names if any(n == h or n.startswith(h + ".") for h in hits)]
+        out += [n for n in parts if n not in out]
+    return out
 
 
 def check_recal_batches(recipe: Any) -> None:

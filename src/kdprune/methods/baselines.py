@@ -11,7 +11,7 @@ from kdprune.engine import (L1, L2, AdaptiveBN, Criterion, Global, PruneReport, 
                             prune_to_target, select_allocation)
 from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
-from kdprune.methods.base import CompressContext, PruneRecipe, latency_info
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice_name
 from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
@@ -55,11 +55,12 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
     """{"prune": what prune_to_target did, "recalibration": the BatchNorm re-estimation after it} (and
     "latency_target": its end-to-end check)."""
     model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
-    before = copy.deepcopy(model)
+    before, ignored = copy.deepcopy(model), ignored_names(recipe, model)
 
     def prune_copy(m: nn.Module, mode) -> PruneReport:
         return prune_to_target(m, ctx.example_input, recipe.target(), importance=importance, mode=mode,
-                               min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths)
+                               min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths,
+                               ignored_layers=ignored)
 
     mode, search = recipe.mode, {}
     if isinstance(mode, AdaptiveBN):
@@ -109,7 +110,7 @@ class GroupLasso(Callback):
 
 @run_recipe.register
 def _(recipe: GroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    groups = channel_groups(model, ctx.example_input)
+    groups = channel_groups(model, ctx.example_input, ignored_names(recipe, model))
     sparse = train(model, ctx.train, ctx.val, ctx.with_progress(recipe.sparse, "sparse"),
                    out_dir=ctx.stage_dir("sparse"), resume=ctx.resumable("sparse"),
                    callbacks=[GroupLasso(groups, recipe.reg)], save_model=False)

@@ -37,7 +37,8 @@ from kdprune.engine import (
     plan_pruning,
     recalibrate_norms,
 )
-from kdprune.methods.base import EXTRA_MODELS, CompressContext, PruneRecipe, recal_config, require_free_widths
+from kdprune.methods.base import (EXTRA_MODELS, CompressContext, PruneRecipe, ignored_names, recal_config,
+                                  require_free_widths)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import LatencyModel, complexity, shared_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
@@ -255,7 +256,7 @@ def _cascade_stage(recipe: Cascade, model: nn.Module, ctx: CompressContext) -> t
     """Attach the slotted masks and train the chain, pruning on the way."""
     x = ctx.example_input.detach().cpu()
     skeleton = copy.deepcopy(model).cpu()
-    groups = channel_groups(copy.deepcopy(skeleton), x)
+    groups = channel_groups(copy.deepcopy(skeleton), x, ignored_names(recipe, skeleton))
     masks = MaskSlots(groups, len(levels(recipe)))
     p = next(model.parameters())
     masks.to(p.device).attach(model)

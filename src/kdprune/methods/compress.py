@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -145,13 +146,31 @@ def recipe_identity(recipe: Any) -> dict[str, Any]:
     return {"type": type(recipe).__name__, **json.loads(json.dumps(data))}
 
 
+def identity_changes(old: dict[str, Any], recipe: Any) -> list[str]:
+    """The fields in which ``recipe`` differs from a recorded ``recipe_identity``; a field the record
+    lacks (added to the recipe type since) counts only when it is set away from its default."""
+    mine = recipe_identity(recipe)
+    defaults = {f.name: f.default for f in dataclasses.fields(recipe) if f.default is not dataclasses.MISSING}
+    added = {k for k in set(mine) - set(old)
+             if k in defaults and mine[k] == json.loads(json.dumps(to_tagged_dict_value(defaults[k])))}
+    return sorted(k for k in (set(old) | set(mine)) - added if old.get(k) != mine.get(k))
+
+
+def to_tagged_dict_value(value: Any) -> Any:
+    """A field value as recipe_identity writes it (dataclasses and enums tagged, tuples as lists)."""
+    @dataclasses.dataclass(frozen=True)
+    class _One:
+        v: Any
+    return to_tagged_dict(_One(value))["v"]
+
+
 def _claim_run(out: Path, recipe: Any, resume: bool) -> None:
     """Record the recipe in ``out``; a resume under another recipe (method, target, any field) is refused."""
     mine, path = recipe_identity(recipe), out / RECIPE_FILE
     if resume and path.is_file():
         old = json.loads(path.read_text())
-        if old != mine:
-            changed = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+        changed = identity_changes(old, recipe)
+        if changed:
             raise ValueError(f"{out} holds a {old.get('type')} run; resuming it as {mine['type']} would change "
                              f"{', '.join(changed)}: resume with the same options, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)

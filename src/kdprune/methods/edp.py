@@ -40,7 +40,7 @@ from kdprune.engine import (
     plan_pruning,
 )
 from kdprune.engine.budget import Bisection
-from kdprune.methods.base import CompressContext, PruneRecipe, latency_info
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info
 from kdprune.metrics import Complexity, complexity
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice
@@ -296,7 +296,7 @@ def _(recipe: EDP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     dense = complexity(model, example_input=x)
     for n in names:
         apply_edit(model, {"op": "decompose_conv", "module": n}, x)
-    groups = channel_groups(model, x)
+    groups = channel_groups(model, x, ignored_names(recipe, model))
     fams = edp_families(model, groups, recipe.lam_col, recipe.lam_row)
     task = KDTask(ctx.dense, recipe.temperature, recipe.kd_alpha) if recipe.kd_alpha > 0 else None
     info: dict[str, Any] = {"sparse": _stage(model, recipe.sparse, "sparse", ctx, task,

@@ -33,7 +33,7 @@ from kdprune.engine import (
     prune_to_target,
 )
 from kdprune.io import load_pruned, save_pruned
-from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, require_free_widths
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Complexity, complexity
 from kdprune.training import SGD, Adam, Constant, OneCycle, TrainConfig, evaluate, resolve_device, train
@@ -211,8 +211,10 @@ def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | N
                 dense: Complexity, reference: nn.Module | None = None) -> dict[str, Any]:
     """One round of L1 filter pruning in place (Li et al. 2017, as in Le et al. 2020); a latency
     goal is a fraction of ``reference``'s (the input model's) measured latency."""
-    groups = channel_groups(model, x)
+    user = ignored_names(recipe, model)
+    groups = channel_groups(model, x, user)
     skip = set(residual_roots(groups)) if recipe.keep_residual else set()
+    skip |= set(user)
     removed, check = 0, None
     if recipe.stage_ratios is not None:
         plan = stage_plan(model, x, [g for g in groups if g.root not in skip], recipe.stage_ratios,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -23,7 +23,7 @@ from torch import nn
 # (option-A shortcuts), so the peer sees the same graph kdprune replays.
 from kdprune.engine import (Allocation, Global, Target, Uniform, apply_channel_edits, barrier_pruners, build_graph,
                             classifier_layers, find_barriers, fit_budget, prune_channels_edit, record_edit)
-from kdprune.methods.base import CompressContext, PruneRecipe, latency_info, require_free_widths
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths
 from kdprune.methods.baselines import default_sparse
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice_name
@@ -90,10 +90,12 @@ class PeerSetup:
     barrier_types: tuple[type, ...]
 
     @classmethod
-    def of(cls, model: nn.Module, example_input: torch.Tensor) -> "PeerSetup":
-        """Found once on the unpruned model (kdprune's classifier rule and barrier scan)."""
+    def of(cls, model: nn.Module, example_input: torch.Tensor, user: Sequence[str] = ()) -> "PeerSetup":
+        """Found once on the unpruned model (kdprune's classifier rule and barrier scan; ``user``: the
+        recipe's ignored_layers)."""
         names = {m: n for n, m in model.named_modules()}
         ignored = tuple(names[m] for m in classifier_layers(model, build_graph(model, example_input)))
+        ignored += tuple(n for n in user if n not in ignored)
         barriers = tuple({type(model.get_submodule(n)) for n in find_barriers(model, example_input)})
         return cls(ignored, barriers)
 
@@ -152,7 +154,7 @@ def _fit_and_prune(recipe: Any, model: nn.Module, ctx: CompressContext) -> dict[
     then measured end to end), then prune ``model`` in place; the method info."""
     model.cpu()  # prune where the example input lives (a sparse stage may have trained on GPU)
     x, target = ctx.example_input, recipe.target()
-    setup = PeerSetup.of(model, x)
+    setup = PeerSetup.of(model, x, ignored_names(recipe, model))
     reference = copy.deepcopy(model)
     apply: Callable = lambda m, inp, ratio: tp_prune(recipe, m, inp, setup, ratio)  # noqa: E731
     fit = fit_budget(model, x, target, lambda t: round(t * recipe.max_pruning_ratio, 6), apply=apply,
@@ -216,7 +218,7 @@ def _(recipe: TPMagnitude, model: nn.Module, ctx: CompressContext) -> tuple[nn.M
 @run_recipe.register
 def _(recipe: TPGroupNorm, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
     model.cpu()
-    setup = PeerSetup.of(model, ctx.example_input)
+    setup = PeerSetup.of(model, ctx.example_input, ignored_names(recipe, model))
     # The sparse stage's pruner only regularises (its ratio is unused); pruning builds fresh ones.
     pruner = _make_pruner(recipe, model, ctx.example_input, setup, 0.5)
     _check_regularize(recipe, model, ctx.example_input, setup)
