@@ -275,3 +275,12 @@ def test_readme_describes_the_demo_it_runs():
     method = re.search(r"compress --method (\w+)", demo).group(1)
     intro = (ROOT / "README.md").read_text().split("## Python API")[0]
     assert f"--method {method}" in intro and "KD" in intro
+
+
+def test_every_method_flag_says_what_it_does():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    group = next(g for g in sub.choices["compress"]._action_groups if g.title.startswith("method options"))
+    bare = [a.option_strings[0] for a in group._group_actions if not a.help or a.help.startswith("(")]
+    assert not bare, f"flags without a description (comment the recipe field): {bare}"

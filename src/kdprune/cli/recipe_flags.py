@@ -13,6 +13,7 @@ import types
 import typing
 from typing import Any
 
+from kdprune.cli.field_docs import field_docs
 from kdprune.registry import choice_name, choices_of
 from kdprune.training.config import TrainConfig
 
@@ -106,14 +107,18 @@ def _flag_specs() -> dict[str, dict[str, Any]]:
         scalars, stages = recipe_fields(cls)
         scalars = {k: v for k, v in scalars.items() if k not in taken}
         rec = cls()
+        docs = field_docs(cls)
         for field_name, (tp, is_list) in scalars.items():
             spec = specs.setdefault(field_name, {"type": tp, "list": is_list, "methods": {}, "choices": set()})
             spec["methods"][name] = getattr(rec, field_name)
+            spec.setdefault("doc", docs.get(field_name, ""))
+            spec["doc"] = spec["doc"] or docs.get(field_name, "")
             spec["choices"] |= set(choices_of(tp))
         for stage in stages:
             for key, tp in ((f"{stage}_epochs", int), (f"{stage}_lr", float)):
                 if key not in scalars:
-                    spec = specs.setdefault(key, {"type": tp, "list": False, "methods": {}, "choices": set()})
+                    spec = specs.setdefault(key, {"type": tp, "list": False, "methods": {}, "choices": set(),
+                                                  "doc": f"{key.rpartition('_')[2]} of the {stage} stage"})
                     cfg = getattr(rec, stage)
                     spec["methods"][name] = cfg.epochs if key.endswith("epochs") else cfg.optimizer.lr
     return specs
@@ -123,14 +128,15 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """One flag per recipe field (help: which methods take it, with their defaults)."""
     g = p.add_argument_group("method options (generated from the recipes; default per method)")
     for dest, spec in sorted(_flag_specs().items()):
-        where = ", ".join(f"{m}={_shown(v)}" for m, v in spec["methods"].items())
+        where = spec.get("doc", "") + " (" + ", ".join(f"{m}={_shown(v)}" for m, v in spec["methods"].items()) + ")"
+        where = where.strip().replace("%", "%%")  # argparse formats help with %
         flag = "--" + dest.replace("_", "-")
         if spec["choices"]:  # a typed choice by its name; from_dict maps the name to the type
-            g.add_argument(flag, dest=dest, type=str.lower, choices=sorted(spec["choices"]), help=f"({where})")
+            g.add_argument(flag, dest=dest, type=str.lower, choices=sorted(spec["choices"]), help=where)
             continue
         tp = _bool if spec["type"] is bool else spec["type"]
         g.add_argument(flag, dest=dest, type=tp, nargs="+" if spec["list"] else None,
-                       metavar=spec["type"].__name__.upper(), help=f"({where})")
+                       metavar=spec["type"].__name__.upper(), help=where)
 
 
 def _shown(value: Any) -> str:

@@ -37,14 +37,14 @@ class PruneRecipe:
     """Base of the channel-pruning recipes: a FLOPs, params or measured-latency fraction to keep
     (latency at ``latency_batch`` on ``latency_backend``), width rules."""
 
-    target_flops: float | None = None
-    target_params: float | None = None
-    target_latency: float | None = None
-    latency_batch: int = 1
-    latency_backend: Backend = Backend.EAGER
-    min_width: int = 1
-    round_to: int | None = None
-    widths: WidthPolicy = FreeWidths()
+    target_flops: float | None = None  # fraction of the FLOPs to keep
+    target_params: float | None = None  # fraction of the parameters to keep
+    target_latency: float | None = None  # fraction of the measured latency to keep
+    latency_batch: int = 1  # batch size the latency target is measured at
+    latency_backend: Backend = Backend.EAGER  # backend the latency target is measured on
+    min_width: int = 1  # no layer narrower than this many channels
+    round_to: int | None = None  # pruned widths a multiple of this (same as widths=RoundTo(n))
+    widths: WidthPolicy = FreeWidths()  # which widths a pruned layer may take
     finetune: TrainConfig = field(default_factory=default_finetune)
     recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after removal (0: off)
     ignored_layers: tuple[str, ...] = ()  # layer names or globs ("stem.*") kept whole, with what they couple

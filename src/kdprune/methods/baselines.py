@@ -22,7 +22,7 @@ from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
 class L1Finetune(PruneRecipe):
     """PFEC (Li et al. 2017): one-shot L1-norm filter pruning to the target, then fine-tune."""
 
-    mode: Selection = Uniform()
+    mode: Selection = Uniform()  # how the cut is shared among layers (adaptive-bn: scored candidates)
 
 
 @register_recipe("kd")
@@ -30,9 +30,9 @@ class L1Finetune(PruneRecipe):
 class KDFinetune(PruneRecipe):
     """L1 pruning as in L1Finetune, fine-tuned with KD (Hinton et al. 2015) from the dense model."""
 
-    mode: Selection = Uniform()
-    temperature: float = 4.0
-    alpha: float = 0.9
+    mode: Selection = Uniform()  # how the cut is shared among layers (adaptive-bn: scored candidates)
+    temperature: float = 4.0  # KD softmax temperature
+    alpha: float = 0.9  # weight of the KD term (1 - alpha: cross-entropy)
 
 
 def default_sparse() -> TrainConfig:
@@ -46,9 +46,9 @@ class GroupNorm(PruneRecipe):
     """DepGraph (Fang et al. 2023): group-lasso sparse training on coupled groups, prune by group
     L2 norm (global ranking) to the target, then fine-tune."""
 
-    reg: float = 5e-4
+    reg: float = 5e-4  # group-lasso weight of the sparse stage
     sparse: TrainConfig = field(default_factory=default_sparse)
-    mode: Selection = Global()
+    mode: Selection = Global()  # how the cut is shared among layers (adaptive-bn: scored candidates)
 
 
 def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importance: Criterion) -> dict:

@@ -63,15 +63,15 @@ class Cascade(PruneRecipe):
     set, each pruned by Taylor saliency of its own distillation loss; ``cascade`` trains and
     prunes them together, ``finetune`` then trains the extracted student."""
 
-    assistants: int = 2
+    assistants: int = 2  # teaching assistants between the teacher and the student
     levels: tuple[float, ...] | None = None  # kept fractions of the assistants (None: evenly spaced)
     cascade: TrainConfig = field(default_factory=default_cascade_train)
     finetune: TrainConfig = field(default_factory=default_cascade_finetune)
     prune_every: int = 50  # optimiser steps between pruning events
     prune_fraction: float = 0.5  # of the cascade stage over which the models reach their sizes
-    temperature: float = 4.0
-    alpha: float = 0.9
-    mode: Allocation = Global()
+    temperature: float = 4.0  # KD softmax temperature
+    alpha: float = 0.9  # weight of the KD term (1 - alpha: cross-entropy)
+    mode: Allocation = Global()  # how the saliency cut is shared among layers
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -154,11 +154,11 @@ class EDP(PruneRecipe):
     lam_col: float = 0.05  # group lasso on A's columns (rank)
     lam_row: float = 0.05  # group lasso on A's rows (output channels, with their coupled layers)
     sparse: TrainConfig = field(default_factory=default_sparse_stage)
-    layers: LayerSelector = Conv3x3()
-    merge: MergeRule = MergeByFlops()
+    layers: LayerSelector = Conv3x3()  # which convs are decomposed into basis + coefficients
+    merge: MergeRule = MergeByFlops()  # when a pruned pair is merged back into one conv
     mode: Allocation = Global()  # smallest mean-normalised group norms over all layers go first
     kd_alpha: float = 0.0  # ours: KD from the dense model in both stages; 0 = the paper (CE only)
-    temperature: float = 4.0
+    temperature: float = 4.0  # KD softmax temperature
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -97,21 +97,21 @@ class KESI(PruneRecipe):
     ``distill_epochs=0`` is "PFEC + one-cycle" (no distillation).
     """
 
-    rounds: int = 5
-    stage_ratios: tuple[float, ...] | None = None
-    keep_residual: bool = True
-    mode: Allocation = Uniform()
+    rounds: int = 5  # pruning rounds, each retrained with a one-cycle restart
+    stage_ratios: tuple[float, ...] | None = None  # per-stage fraction removed per round (instead of a target)
+    keep_residual: bool = True  # leave the channels residual additions tie together whole
+    mode: Allocation = Uniform()  # how each round's cut is shared among layers
     finetune: TrainConfig = field(default_factory=default_retrain)
-    retrain_epochs: int | None = None
-    max_lr: float | None = None
+    retrain_epochs: int | None = None  # epochs per round (None: finetune's)
+    max_lr: float | None = None  # one-cycle peak lr per round (None: finetune's lr)
     distill: TrainConfig = field(default_factory=default_distill)
-    distill_epochs: int | None = None
-    distill_lr: float | None = None
-    temperature: float = 5.0
-    alpha: float = 1.0
-    teacher_mode: TeacherMode = MeanKL()
-    include_base: bool = True
-    include_last: bool = True
+    distill_epochs: int | None = None  # epochs distilling the snapshot ensemble (0: none, PFEC + one-cycle)
+    distill_lr: float | None = None  # lr of the distillation (None: distill's)
+    temperature: float = 5.0  # KD softmax temperature
+    alpha: float = 1.0  # weight of the KD term (1 - alpha: cross-entropy)
+    teacher_mode: TeacherMode = MeanKL()  # mean of per-teacher KLs, or KL to the mean probability
+    include_base: bool = True  # the unpruned model is a teacher
+    include_last: bool = True  # the last snapshot (the student's start) is a teacher
     # False: distil from the unpruned model alone (KESI's "single teacher" ablation: does the
     # snapshot ensemble beat plain KD from the base after the same rounds?)
     include_snapshots: bool = True

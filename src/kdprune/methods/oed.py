@@ -60,7 +60,7 @@ class OED:
     """OED (Wang et al., IEEE Access 2019): FISTA block masks on K replicas, online ensemble
     teacher, one training cycle (``finetune``), zero-mask blocks removed."""
 
-    replicas: int = 3
+    replicas: int = 3  # K networks trained together, their ensemble the online teacher
     lam: float = 0.02  # L1 weight of the masks, applied by the prox step only
     target_flops: float | None = None
     target_params: float | None = None
@@ -68,10 +68,10 @@ class OED:
     latency_batch: int = 1
     latency_backend: Backend = Backend.EAGER
     finetune: TrainConfig = field(default_factory=default_cycle)  # the one training cycle
-    temperature: float = 3.0
-    alpha: float = 1.0
+    temperature: float = 3.0  # KD softmax temperature
+    alpha: float = 1.0  # weight of the KD term from the ensemble
     mask_lr: float | None = None  # None: the weights' learning rate (scaled by the schedule)
-    restart_on_decay: bool = True
+    restart_on_decay: bool = True  # restart FISTA's momentum when the lr steps down
     gated: bool = False  # teacher features: learned softmax weights over replicas, not the mean
     # Identical replicas get identical gradients and never diverge (the ensemble would be one
     # network): replicas 1..K-1 start with seeded Gaussian noise of this std relative to each
@@ -83,7 +83,7 @@ class OED:
     # that meet it; those masks ramp linearly to 0 over ``ramp`` of the cycle and the other
     # masks stop shrinking (lam 0), so the rest of the cycle trains the network without them.
     commit_at: float = 0.25
-    ramp: float = 0.15
+    ramp: float = 0.15  # fraction of the cycle over which committed block masks ramp to 0
     recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after the blocks go (0: off)
     version: int = RECIPE_VERSION
 

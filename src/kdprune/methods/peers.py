@@ -68,11 +68,11 @@ class TPGroupNorm(PruneRecipe):
     pruner's own ``regularize`` (strength ``reg``) after every backward, group L2-norm pruning
     with its ``pruning_ratio`` fitted to the target, then the same fine-tune as L1Finetune."""
 
-    norm: int = 2
-    reg: float = 5e-4
+    norm: int = 2  # p of torch-pruning's GroupMagnitudeImportance
+    reg: float = 5e-4  # torch-pruning's group-norm regularisation weight
     sparse: TrainConfig = field(default_factory=default_sparse)
     mode: Allocation = Global()
-    max_pruning_ratio: float = 0.9
+    max_pruning_ratio: float = 0.9  # torch-pruning's per-layer cap
 
     def __post_init__(self) -> None:
         super().__post_init__()

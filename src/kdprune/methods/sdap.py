@@ -62,15 +62,15 @@ class SDAP(PruneRecipe):
     ramp during one KD-from-the-pretrained-model training run (``finetune``), then removed."""
 
     finetune: TrainConfig = field(default_factory=default_sdap_train)
-    ramp_epochs: float = 5.0
-    temperature: float = 4.0
-    alpha: float = 0.9
-    gate_l1: float = 0.0
+    ramp_epochs: float = 5.0  # epochs over which the masked fraction ramps up to the target
+    temperature: float = 4.0  # KD softmax temperature (self-distillation from the dense model)
+    alpha: float = 0.9  # weight of the KD term (0: no self-distillation)
+    gate_l1: float = 0.0  # L1 pull on the gates
     # Uniform, not the paper's global rate: on the held-out split (issue 16, docs/methods/sdap.md)
     # the global |gate| ranking cut ResNet-20's first stage to 1-4 channels and lost 0.84 points at
     # 25% of params (tied at 50% of FLOPs).
     mode: Allocation = Uniform()
-    weight_by_cost: bool = True
+    weight_by_cost: bool = True  # rank gates by |g| per unit of FLOPs/params they cost
     remove_early: bool = True  # ours: remove masked channels once the ramp is over (docstring above)
     # ours: also cut the channels masked so far at every epoch end while gated (their gates are 0,
     # so the output is unchanged): the ramp's later epochs run at a smaller cost. On issue 16's grid
