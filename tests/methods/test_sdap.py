@@ -307,3 +307,16 @@ def test_resume_between_cuts_is_bit_exact(tmp_path, monkeypatch):
                            progress=False, factory=MiniResB).model
 
     assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after=2)  # after the cut, in window 2
+
+
+def test_masks_move_grouped_conv_channels_as_whole_classes():
+    """A grouped conv removes the same position from every conv group: SDAP's per-channel ranking
+    masks whole tie classes (was: a split class, and prune_channels refused the cut)."""
+    from kdprune.engine import ChannelGroup
+    from kdprune.methods.sdap_rank import close_ties
+
+    g = ChannelGroup(0, "conv", "out", 4, (), (), ties=((0, 2), (1, 3)))
+    keep = {"conv": torch.tensor([False, True, True, False])}
+    assert close_ties([g], keep)["conv"].tolist() == [True, True, True, True]  # both classes split: kept
+    keep = {"conv": torch.tensor([False, True, False, True])}
+    assert close_ties([g], keep)["conv"].tolist() == [False, True, False, True]  # a whole class: masked

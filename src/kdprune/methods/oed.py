@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from kdprune.distill import kd_loss
 from kdprune.engine import (
@@ -367,7 +368,10 @@ def commit_goal(model: nn.Module, x: Tensor, sites: dict[str, str], target: Targ
 
 def _held_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
     n = min(n, max(1, len(train_set) // 5))  # small (test) sets: at most a fifth held out
-    return train_set.split(n, seed=seed)
+    if hasattr(train_set, "split"):  # an ImageDataset: stratified
+        return train_set.split(n, seed=seed)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))  # any torch Dataset
+    return Subset(train_set, order[n:].sort().values.tolist()), Subset(train_set, order[:n].sort().values.tolist())
 
 
 @run_recipe.register

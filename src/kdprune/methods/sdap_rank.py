@@ -103,6 +103,19 @@ def global_keep(groups: Sequence[ChannelGroup], gate_abs: Mapping[str, torch.Ten
     return dict(zip([g.root for g in groups], keep.split([g.channels for g in groups])))
 
 
+def close_ties(groups: Sequence[ChannelGroup], keep: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``keep`` with every tie class (the channels a grouped conv removes together) masked only
+    when all of it is masked, else kept whole: a per-channel ranking may split a class, which no
+    physical cut can honour."""
+    out = {r: k.clone() for r, k in keep.items()}
+    for g in groups:
+        for cls in g.ties:
+            idx = list(cls)
+            if not out[g.root][idx].all() and out[g.root][idx].any():
+                out[g.root][idx] = True
+    return out
+
+
 def keep_to_plan(keep: Mapping[str, torch.Tensor]) -> PruningPlan:
     """Keep masks -> the engine's PruningPlan of masked channels."""
     return PruningPlan({r: (~k).nonzero().flatten().tolist() for r, k in keep.items() if not k.all()})
@@ -137,7 +150,7 @@ class SDAPController:
     def keep_for(self, rate: float, gate_abs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keep masks (True = keep) for masked rate ``rate`` given the gate magnitudes."""
         if isinstance(self.mode, Global):
-            return global_keep(self.groups, gate_abs, self.weights, rate, self.min_width)
+            return close_ties(self.groups, global_keep(self.groups, gate_abs, self.weights, rate, self.min_width))
         scores = {r: v.detach().float().cpu() for r, v in gate_abs.items()}
         plan = plan_pruning(self.groups, scores, min(max(rate, 0.0), 1.0), Uniform(), self.min_width)
         keep = {g.root: torch.ones(g.channels, dtype=torch.bool) for g in self.groups}
@@ -165,8 +178,12 @@ class SDAPController:
             return None
         order = idx[torch.sort(s[idx], stable=True).indices]
         out = {r: v.clone() for r, v in keep.items()}
-        out[g.root][order[0] if mask_more else order[-1]] = not mask_more
-        return out
+        for c in (order if mask_more else order.flip(0)).tolist():
+            cls = next((list(t) for t in g.ties if c in t), [c])  # a grouped conv's channels move as a class
+            if not mask_more or bool(pool[cls].all()):  # a class with a protected channel stays
+                out[g.root][cls] = not mask_more
+                return out
+        return None
 
     def _neighbours(self, keep: Mapping[str, torch.Tensor], gate_abs: Mapping[str, torch.Tensor],
                     over: bool) -> Iterator[list[dict[str, torch.Tensor]]]:
