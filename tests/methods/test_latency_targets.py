@@ -134,3 +134,34 @@ def test_report_has_an_onnxruntime_column_when_installed(toy_data):
               "widths": {"before": {}, "after": {}}, "method": {}, **lat}
     md = report_markdown(report)
     assert "ORT ms bs1" in md and "ORT ms bs64" in md and "CPU ms bs1" in md and "onnxruntime bs1" in md
+
+
+def test_a_resumed_latency_run_re_applies_its_recorded_cut(fake, toy_data, tmp_path, monkeypatch):
+    """The latency search is measured: a resume that searched again could pick other widths than
+    the checkpoint's (issue 34). The cut is recorded and re-applied; the resumed run equals the
+    uninterrupted one even when the machine now times differently."""
+    from kdprune.training import loop
+
+    train, val = toy_data
+    recipe = L1Finetune(target_latency=0.5, finetune=kp.TrainConfig(epochs=2, batch_size=32, progress=False, seed=2))
+
+    def run(out, resume):
+        torch.manual_seed(0)
+        return kp.compress(TinyNet(width=32), recipe, train, val, out_dir=out, resume=resume, latency=False,
+                           factory=lambda: TinyNet(width=32)).model
+
+    ref = run(tmp_path / "ref", False)
+    real = loop._write_epoch
+
+    def die(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt("killed after the first epoch")
+
+    monkeypatch.setattr(loop, "_write_epoch", die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", False)
+    monkeypatch.setattr(loop, "_write_epoch", real)
+    fake.scale, fake.overhead = 1.7, 2.0  # the machine times differently now: a new search would differ
+    resumed = run(tmp_path / "run", True)
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

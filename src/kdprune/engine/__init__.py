@@ -35,6 +35,7 @@ from kdprune.engine.structure import (
     get_structure,
     record_edit,
     register_edit,
+    extend,
     replay,
 )
 from kdprune.engine.budget import (
@@ -78,7 +79,7 @@ __all__ = [
     "MaskedModelError", "apply_channel_edits", "apply_plan", "prune_channels_edit", "GroupsChangedError",
     "GatedCut", "prune_gated",
     "EDIT_OPS", "FORMAT_VERSION", "STRUCTURE_ATTR", "StructureLog", "apply_edit", "get_structure",
-    "record_edit", "register_edit", "replay",
+    "record_edit", "register_edit", "replay", "extend",
     "PruneReport", "Target", "prune_to_target",
     "TOLERANCE", "Bisection", "BudgetError", "BudgetFit", "BudgetMeter", "Measured", "Refine",
     "bisect_budget", "fit_budget", "plan_key", "refine_budget", "search_budget",

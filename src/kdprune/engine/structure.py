@@ -162,6 +162,24 @@ def replay(model: nn.Module, log: StructureLog) -> nn.Module:
     """Re-apply every edit of ``log`` to a freshly built base model, in order; attaches a copy of
     the log to the model and returns it. Consecutive edits of an op with ``apply_many`` (e.g.
     prune_channels: one DepGraph for all of them) go in one call."""
+    _apply_log(model, log)
+    object.__setattr__(model, STRUCTURE_ATTR, StructureLog.from_dict(log.to_dict()))
+    return model
+
+
+def extend(model: nn.Module, log: StructureLog) -> nn.Module:
+    """Apply the edits of ``log`` to ``model`` as ``replay`` does, appending them to the model's own
+    log (a recorded removal step redone on the model it was first made on)."""
+    _apply_log(model, log)
+    own = get_structure(model, create=True)
+    for e in log.edits:
+        own.append(copy.deepcopy(e), None)
+    if own.input_shape is None:
+        own.input_shape = log.input_shape
+    return model
+
+
+def _apply_log(model: nn.Module, log: StructureLog) -> None:
     edits, i = log.edits, 0
     while i < len(edits):
         j = _batch_end(edits, i)
@@ -171,8 +189,6 @@ def replay(model: nn.Module, log: StructureLog) -> nn.Module:
         else:
             op.apply(model, edits[i], x)
         i = j
-    object.__setattr__(model, STRUCTURE_ATTR, StructureLog.from_dict(log.to_dict()))
-    return model
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

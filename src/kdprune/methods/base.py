@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -10,7 +11,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.engine import FreeWidths, LatencyCheck, Recalibrate, Target, WidthPolicy, recalibrate_norms
+from kdprune.engine import (FreeWidths, LatencyCheck, Recalibrate, StructureLog, Target, WidthPolicy, extend,
+                            get_structure, recalibrate_norms)
+from kdprune.utils.dist import is_main_process
+from kdprune.utils.meta import write_json
 from kdprune.metrics import Backend
 from kdprune.registry import check_choice_fields
 from kdprune.training import SGD, Cosine, TrainConfig
@@ -127,6 +131,22 @@ class CompressContext:
     # The model right after the last removal step, before and after its BatchNorm re-estimation
     # (compress scores both for the report's "pruned" rows).
     removal: tuple[nn.Module, nn.Module | None] | None = None
+
+    def removal_step(self, name: str, model: nn.Module, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a removal step (``run()`` edits ``model`` in place, returns its info) once: its edits
+        and info are kept in ``out_dir/name/removal.json``, and a resumed run re-applies them instead
+        of searching again (a latency target's measured search could pick other widths)."""
+        path = None if self.out_dir is None else self.out_dir / name / "removal.json"
+        if path is not None and self.resume and path.is_file():
+            rec = json.loads(path.read_text())
+            extend(model, StructureLog(rec["edits"], rec.get("input_shape")))
+            return rec["info"]
+        done = len(get_structure(model) or ())
+        info = run()
+        log = get_structure(model) or StructureLog()
+        if path is not None and is_main_process():
+            write_json(path, {"edits": log.edits[done:], "input_shape": log.input_shape, "info": info})
+        return info
 
     def recalibrate(self, model: nn.Module, recipe: Any, before: nn.Module | None = None) -> dict[str, Any]:
         """A removal step's BatchNorm re-estimation (``recipe.recal_batches`` training batches; of the

@@ -62,18 +62,21 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
                                min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths,
                                ignored_layers=ignored)
 
-    mode, search = recipe.mode, {}
-    if isinstance(mode, AdaptiveBN):
-        mode, cands = select_allocation(model, ctx.example_input, recipe.target(), mode, ctx.train, ctx.val,
-                                        prune_copy)
-        search = {"adaptive_bn": {"candidates": [c.as_dict() for c in cands],
-                                  "chosen": next(c.name for c in cands if c.allocation is mode)}}
-    rep = prune_copy(model, mode)
-    prune = {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
-             "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept,
-             "channels_removed": rep.plan.num_removed, "widths": choice_name(rep.widths)}
-    return {"prune": prune, **search, "recalibration": ctx.recalibrate(model, recipe, before),
-            **latency_info(rep.latency)}
+    def search_and_prune() -> dict:
+        mode, search = recipe.mode, {}
+        if isinstance(mode, AdaptiveBN):
+            mode, cands = select_allocation(model, ctx.example_input, recipe.target(), mode, ctx.train, ctx.val,
+                                            prune_copy)
+            search = {"adaptive_bn": {"candidates": [c.as_dict() for c in cands],
+                                      "chosen": next(c.name for c in cands if c.allocation is mode)}}
+        rep = prune_copy(model, mode)
+        prune = {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
+                 "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept,
+                 "channels_removed": rep.plan.num_removed, "widths": choice_name(rep.widths)}
+        return {"prune": prune, **search, **latency_info(rep.latency)}
+
+    info = ctx.removal_step("prune", model, search_and_prune)  # a resume re-applies the recorded cut
+    return {**info, "recalibration": ctx.recalibrate(model, recipe, before)}
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, task=None) -> list[dict]:

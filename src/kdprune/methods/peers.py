@@ -157,15 +157,18 @@ def _fit_and_prune(recipe: Any, model: nn.Module, ctx: CompressContext) -> dict[
     setup = PeerSetup.of(model, x, ignored_names(recipe, model))
     reference = copy.deepcopy(model)
     apply: Callable = lambda m, inp, ratio: tp_prune(recipe, m, inp, setup, ratio)  # noqa: E731
-    fit = fit_budget(model, x, target, lambda t: round(t * recipe.max_pruning_ratio, 6), apply=apply,
-                     key=lambda ratio: ratio, limits=f" by {_pruner_type(recipe).__name__} under "
-                     f"max_pruning_ratio={recipe.max_pruning_ratio}", advice=" (torch-pruning's ratio steps "
-                     "are too coarse here); try mode=Global() or another target")
-    edits = tp_prune(recipe, model, x, setup, fit.best.candidate)
-    _check_replay(reference, model, edits, x)
-    return {"prune": _prune_info(recipe, target, fit, edits),
-            "recalibration": ctx.recalibrate(model, recipe, reference),
-            **latency_info(fit.latency)}
+
+    def run() -> dict[str, Any]:
+        fit = fit_budget(model, x, target, lambda t: round(t * recipe.max_pruning_ratio, 6), apply=apply,
+                         key=lambda ratio: ratio, limits=f" by {_pruner_type(recipe).__name__} under "
+                         f"max_pruning_ratio={recipe.max_pruning_ratio}", advice=" (torch-pruning's ratio steps "
+                         "are too coarse here); try mode=Global() or another target")
+        edits = tp_prune(recipe, model, x, setup, fit.best.candidate)
+        _check_replay(reference, model, edits, x)
+        return {"prune": _prune_info(recipe, target, fit, edits), **latency_info(fit.latency)}
+
+    info = ctx.removal_step("prune", model, run)  # a resume re-applies the recorded cut
+    return {**info, "recalibration": ctx.recalibrate(model, recipe, reference)}
 
 
 def _prune_info(recipe: Any, target: Target, fit: Any, edits: list[dict]) -> dict[str, Any]:
