@@ -188,3 +188,14 @@ def test_a_target_commits_blocks_during_the_cycle_and_removes_exactly_them(toy_d
     assert abs(info["params_kept"] - 0.7) <= 0.01
     assert info["removed_blocks"] == info["committed_blocks"][info["selected_replica"]]
     assert info["zero_mask_blocks"] == len(info["removed_blocks"])  # zero during the cycle: nothing cut live
+
+
+def test_a_target_between_block_counts_fails_before_training_naming_the_reachable_ones(toy_data, monkeypatch):
+    from kdprune.training import loop
+
+    train, val = toy_data
+    monkeypatch.setattr(loop, "_run_epochs", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=r"no set of whole blocks keeps 0.5 of the flops .* nearest reachable "
+                                         r"fractions are 0\.\d+, 0\.\d+"):
+        kp.compress(_resnet(), OED(replicas=2, target_flops=0.5, finetune=CYCLE, select_val=20), train, val,
+                    latency=False)

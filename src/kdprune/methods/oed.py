@@ -271,6 +271,21 @@ def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, w
     return [sub for _, sub in sorted(near, key=lambda t: (t[0], sorted(t[1])))][:limit]
 
 
+def check_block_target(costs: dict[str, float], goal: float, tolerance: float, metric: str) -> None:
+    """ValueError before any training, naming the nearest kept fractions whole blocks reach, when no
+    set of blocks keeps ``goal`` within ``tolerance`` (was: found at the commit, mid-cycle)."""
+    if _subsets_near(costs, dict.fromkeys(costs, 1.0), 1.0 - goal, tolerance, limit=1):
+        return
+    res, sums = 1 / 2000, {0}
+    for c in costs.values():
+        sums |= {k + round(c / res) for k in sums}
+    kept = sorted({round(1.0 - k * res, 4) for k in sums})
+    below, above = [k for k in kept if k < goal], [k for k in kept if k > goal]
+    near = ", ".join(f"{k:g}" for k in (below[-1:] + above[:1]))
+    raise ValueError(f"OED: no set of whole blocks keeps {goal:g} of the {metric} within {tolerance:.0%}; the "
+                     f"nearest reachable fractions are {near}: give one of them, or use a channel method")
+
+
 def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig) -> tuple[nn.Module, dict]:
     """Keep the best replica on the held-out split, fold its surviving masks, remove its
     zero-mask (and, for a target, lowest-mask) blocks physically."""
@@ -386,9 +401,9 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     callbacks: list[Callback] = [fista]
     target = recipe.target()
     if target is not None:  # after FISTA's step, so the ramp caps what FISTA produced
-        callbacks.append(BlockCommit(fista, net.masks, block_costs(model, x, sites, target),
-                                     commit_goal(model, x, sites, target), recipe.commit_at, recipe.ramp,
-                                     target.tolerance))
+        costs, goal = block_costs(model, x, sites, target), commit_goal(model, x, sites, target)
+        check_block_target(costs, goal, target.tolerance, target.metric)
+        callbacks.append(BlockCommit(fista, net.masks, costs, goal, recipe.commit_at, recipe.ramp, target.tolerance))
     res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
                 out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)
