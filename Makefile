@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 
 setup: $(STAMP)
 
-demo: $(STAMP)  ## short real compression demo on Fashion-MNIST (~4 min on 2 cores, no base training)
+demo: $(STAMP)  ## short real compression demo on Fashion-MNIST (~4-6 min on 2 cores, no base training)
 	bash scripts/demo.sh
 
 test: $(STAMP)  ## fast test suite (what CI runs)

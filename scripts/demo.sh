@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job: a short, real compression demo on Fashion-MNIST (~4 min on 2 CPU cores).
+# The README's main job: a short, real compression demo on Fashion-MNIST (~4-6 min on 2 CPU cores).
 # Starts from the shipped ResNet-20 base (kp.pretrained("resnet20-fmnist"), 93.78% top-1, sha256
 # checked), prunes it to 50% of its FLOPs with PFEC L1 filter pruning plus a 1-epoch KD fine-tune on 30k images
 # from the dense model, with the dense + same-epochs control (the base fine-tuned 1 epoch too), prints
