@@ -59,10 +59,10 @@ def tiny_net() -> TinyNet:
     return TinyNet()
 
 
-def assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after: int = 1) -> None:
+def assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after: int = 1, before_resume=None) -> None:
     """`run(out_dir, resume) -> model`: kill it right after its `kill_after`-th epoch checkpoint
-    (counted over all its training stages), resume it, and require the same weights, bit for bit,
-    as an uninterrupted run."""
+    (counted over all its training stages), call `before_resume()` if given (what changed between
+    the two processes), resume it, and require the same weights, bit for bit, as an uninterrupted run."""
     from kdprune.training import loop
 
     ref = run(tmp_path / "ref", False)
@@ -78,5 +78,7 @@ def assert_resume_is_bit_exact(run, tmp_path, monkeypatch, kill_after: int = 1) 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run", False)
     monkeypatch.setattr(loop, "_write_epoch", real_write)
+    if before_resume is not None:
+        before_resume()
     a, b = ref.state_dict(), run(tmp_path / "run", True).state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,7 +19,7 @@ from kdprune.recipes import EDP, KESI, SDAP, Cascade, KDFinetune, L1Finetune
 from kdprune.training.config_io import from_dict, to_tagged_dict
 from tests.engine.fake_latency import FakeLatency
 
-from ..conftest import TinyNet
+from ..conftest import TinyNet, assert_resume_is_bit_exact
 
 X = torch.zeros(1, 1, 8, 8)
 FT = kp.TrainConfig(epochs=1, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2, max_steps_per_epoch=2)
@@ -140,8 +140,6 @@ def test_a_resumed_latency_run_re_applies_its_recorded_cut(fake, toy_data, tmp_p
     """The latency search is measured: a resume that searched again could pick other widths than
     the checkpoint's (issue 34). The cut is recorded and re-applied; the resumed run equals the
     uninterrupted one even when the machine now times differently."""
-    from kdprune.training import loop
-
     train, val = toy_data
     recipe = L1Finetune(target_latency=0.5, finetune=kp.TrainConfig(epochs=2, batch_size=32, progress=False, seed=2))
 
@@ -150,18 +148,7 @@ def test_a_resumed_latency_run_re_applies_its_recorded_cut(fake, toy_data, tmp_p
         return kp.compress(TinyNet(width=32), recipe, train, val, out_dir=out, resume=resume, latency=False,
                            factory=lambda: TinyNet(width=32)).model
 
-    ref = run(tmp_path / "ref", False)
-    real = loop._write_epoch
+    def machine_changed():  # it times differently now: a new search would pick other widths
+        fake.scale, fake.overhead = 1.7, 2.0
 
-    def die(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt("killed after the first epoch")
-
-    monkeypatch.setattr(loop, "_write_epoch", die)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "run", False)
-    monkeypatch.setattr(loop, "_write_epoch", real)
-    fake.scale, fake.overhead = 1.7, 2.0  # the machine times differently now: a new search would differ
-    resumed = run(tmp_path / "run", True)
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact(run, tmp_path, monkeypatch, before_resume=machine_changed)

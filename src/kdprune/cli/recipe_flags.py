@@ -111,8 +111,7 @@ def _flag_specs() -> dict[str, dict[str, Any]]:
         for field_name, (tp, is_list) in scalars.items():
             spec = specs.setdefault(field_name, {"type": tp, "list": is_list, "methods": {}, "choices": set()})
             spec["methods"][name] = getattr(rec, field_name)
-            spec.setdefault("doc", docs.get(field_name, ""))
-            spec["doc"] = spec["doc"] or docs.get(field_name, "")
+            spec["doc"] = spec.get("doc") or docs.get(field_name, "")  # the first method that comments it
             spec["choices"] |= set(choices_of(tp))
         for stage in stages:
             for key, tp in ((f"{stage}_epochs", int), (f"{stage}_lr", float)):

@@ -91,8 +91,8 @@ def _matched(after: torch.Tensor, before: torch.Tensor, rtol: float = 1e-4) -> b
 def affected_norms(before: nn.Module, after: nn.Module, x: torch.Tensor) -> list[str]:
     """BatchNorms of ``after`` whose input on ``x`` is no channel subset of the same-named
     BatchNorm's input in ``before`` (new ones included): the ones an edit made stale."""
-    names = batch_norms(after)
-    old = _inputs(before, x.to(_device(before)), [n for n in names if n in batch_norms(before)])
+    names, had = batch_norms(after), batch_norms(before)
+    old = _inputs(before, x.to(_device(before)), [n for n in names if n in had])
     new = _inputs(after, x.to(_device(after)), names)
     return [n for n in names if n not in old or n not in new or not _matched(new[n], old[n])]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -148,11 +148,14 @@ class CompressContext:
             write_json(path, {"edits": log.edits[done:], "input_shape": log.input_shape, "info": info})
         return info
 
-    def recalibrate(self, model: nn.Module, recipe: Any, before: nn.Module | None = None) -> dict[str, Any]:
-        """A removal step's BatchNorm re-estimation (``recipe.recal_batches`` training batches; of the
-        BatchNorms whose input changed since ``before``, all without it), remembered for the report."""
+    def recalibrate(self, model: nn.Module, recipe: Any, before: nn.Module | None = None,
+                    seed: int | None = None) -> dict[str, Any]:
+        """A removal step's BatchNorm re-estimation (``recipe.recal_batches`` training batches, in the
+        order of ``seed``, default the fine-tune's; of the BatchNorms whose input changed since
+        ``before``, all without it), remembered for the report."""
+        cfg = recal_config(recipe)
         pre = copy.deepcopy(model)
-        rep = recalibrate_norms(model, self.train, recal_config(recipe), before)
+        rep = recalibrate_norms(model, self.train, cfg if seed is None else replace(cfg, seed=seed), before)
         self.removal = (pre.eval(), copy.deepcopy(model).eval() if rep.norms else None)
         return rep.as_dict()
 
@@ -167,6 +170,4 @@ class CompressContext:
 
     def with_progress(self, cfg: TrainConfig, label: str = "") -> TrainConfig:
         """The stage's TrainConfig with this run's progress setting and the stage's name for logs."""
-        from dataclasses import replace
-
         return replace(cfg, progress=self.progress and cfg.progress, label=label or cfg.label)

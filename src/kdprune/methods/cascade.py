@@ -288,7 +288,7 @@ def _(recipe: Cascade, model: nn.Module, ctx: CompressContext) -> tuple[nn.Modul
     recal = replace(recal_config(recipe), seed=recipe.cascade.seed)
     for m in chain[:-1]:  # the shared BN statistics averaged every model of the chain: re-estimate all
         recalibrate_norms(m, ctx.train, recal)
-    recal_info = ctx.recalibrate(chain[-1], replace(recipe, finetune=replace(recipe.finetune, seed=recal.seed)))
+    recal_info = ctx.recalibrate(chain[-1], recipe, seed=recal.seed)
     student, teacher = chain[-1], (chain[-2] if len(chain) > 1 else ctx.dense)
     ft = train(student, ctx.train, ctx.val, ctx.with_progress(recipe.finetune, "cascade finetune"),
                task=KDTask(copy.deepcopy(teacher), recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing),

@@ -150,18 +150,10 @@ def identity_changes(old: dict[str, Any], recipe: Any) -> list[str]:
     """The fields in which ``recipe`` differs from a recorded ``recipe_identity``; a field the record
     lacks (added to the recipe type since) counts only when it is set away from its default."""
     mine = recipe_identity(recipe)
-    defaults = {f.name: f.default for f in dataclasses.fields(recipe) if f.default is not dataclasses.MISSING}
-    added = {k for k in set(mine) - set(old)
-             if k in defaults and mine[k] == json.loads(json.dumps(to_tagged_dict_value(defaults[k])))}
+    at_default = {f.name for f in dataclasses.fields(recipe)
+                  if f.default is not dataclasses.MISSING and getattr(recipe, f.name) == f.default}
+    added = (set(mine) - set(old)) & at_default
     return sorted(k for k in (set(old) | set(mine)) - added if old.get(k) != mine.get(k))
-
-
-def to_tagged_dict_value(value: Any) -> Any:
-    """A field value as recipe_identity writes it (dataclasses and enums tagged, tuples as lists)."""
-    @dataclasses.dataclass(frozen=True)
-    class _One:
-        v: Any
-    return to_tagged_dict(_One(value))["v"]
 
 
 def _claim_run(out: Path, recipe: Any, resume: bool) -> None:
