@@ -34,9 +34,22 @@ def methods() -> dict[str, type]:
     return {name: RECIPES.get(name) for name in RECIPES}
 
 
+def name_count(text: str) -> tuple[str, int]:
+    """A ``NAME=N`` flag value (a layer name or glob and a count), e.g. ``stem.*=8``."""
+    name, sep, count = text.rpartition("=")
+    if not sep or not name or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=N (a layer name or glob, a count), got {text!r}")
+    return name, int(count)
+
+
+name_count.__name__ = "name=n"  # the metavar the help shows
+
+
 def _scalar_type(tp: Any) -> tuple[Any, bool] | None:
     """(element type, is a list) of a flag-able field type, else None; a choice field (a union
-    of tagged types, an Enum) is its own element type."""
+    of tagged types, an Enum) is its own element type; (name, count) pairs take NAME=N."""
+    if tp == tuple[tuple[str, int], ...]:
+        return name_count, True
     if choices_of(tp):
         return tp, False
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

@@ -1,7 +1,8 @@
 """Pruning engine: DepGraph channel groups, importance, allocation, width policies, the budget service
 (FLOPs/params/latency targets over any family of edits), physical removal, soft masks and the structure log. Never
 imports kdprune.distill/methods."""
-from kdprune.engine.allocate import MODES, Allocation, Global, PruningPlan, Shaped, Uniform, plan_pruning, round_width
+from kdprune.engine.allocate import (MODES, Allocation, Global, MinWidth, PruningPlan, Shaped, Uniform, WidthFloor,
+                                     floor_of, plan_pruning, round_width)
 from kdprune.engine.graph import (
     BARRIER_ATTR,
     TRACE_TIMEOUT_S,
@@ -65,7 +66,8 @@ from kdprune.engine.recalibrate import (Recalibrate, RecalibrationReport, affect
                                         recalibrate_norms)
 
 __all__ = [
-    "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width",
+    "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width", "MinWidth", "WidthFloor",
+    "floor_of",
     "BARRIER_ATTR", "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
     "classifier_layers",
     "find_barriers", "tp_group", "barrier_pruners", "TRACE_TIMEOUT_S", "TraceTimeout",

@@ -2,6 +2,7 @@
 remove), either uniformly per group or with one global threshold over normalised scores."""
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence, Union
@@ -11,7 +12,8 @@ import torch
 from kdprune.engine.graph import ChannelGroup
 from kdprune.registry import check_choice, choice
 
-__all__ = ["PruningPlan", "plan_pruning", "round_width", "width_step", "lowest_channels", "MODES",
+__all__ = ["PruningPlan", "plan_pruning", "round_width", "width_step", "lowest_channels", "MODES", "MinWidth",
+           "WidthFloor", "floor_of",
            "Allocation", "AnyAllocation", "Uniform", "Global", "Shaped"]
 
 
@@ -96,6 +98,37 @@ class PruningPlan:
         return {k: list(v) for k, v in self.removals.items()}
 
 
+@dataclass(frozen=True)
+class MinWidth:
+    """The fewest channels a group may keep: ``default`` everywhere, and for a group whose output
+    layers include one that ``layers`` names (module name or fnmatch glob -> channels), the largest
+    such floor (Torch-Pruning users set this per layer to keep a stem or a bottleneck wide)."""
+
+    default: int = 1
+    layers: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, n in (("default", self.default), *self.layers):
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"min width of {name!r} must be an int >= 1, got {n!r}")
+
+    def of(self, group: ChannelGroup) -> int:
+        """This group's floor."""
+        # only layers whose *output* channels are the group's: a consumer's width is another group's
+        outs = [m.name for m in group.members if m.role == "out"]
+        hits = [n for pattern, n in self.layers if any(fnmatch.fnmatchcase(o, pattern) for o in outs)]
+        return max([self.default, *hits])
+
+
+#: A floor on kept widths: one count for every group, or per layer (MinWidth).
+WidthFloor = Union[int, MinWidth]
+
+
+def floor_of(min_width: WidthFloor, group: ChannelGroup) -> int:
+    """The fewest channels ``group`` may keep under ``min_width``."""
+    return min_width.of(group) if isinstance(min_width, MinWidth) else min_width
+
+
 def round_width(keep: int, channels: int, min_width: int = 1, round_to: int | None = None) -> int:
     """Clamp a kept width to [min_width, channels] and, with ``round_to``, round a pruned width to
     the nearest multiple inside that range (unpruned groups, or groups where no multiple fits,
@@ -113,11 +146,11 @@ def round_width(keep: int, channels: int, min_width: int = 1, round_to: int | No
 
 
 def _check(groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor], ratio: float,
-           mode: AnyAllocation, min_width: int, round_to: int | None) -> None:
+           mode: AnyAllocation, min_width: WidthFloor, round_to: int | None) -> None:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     check_choice(mode, AnyAllocation, "mode")
-    if min_width < 1:
+    if isinstance(min_width, int) and min_width < 1:  # a MinWidth checks itself
         raise ValueError(f"min_width must be >= 1, got {min_width}")
     if round_to is not None and round_to < 1:
         raise ValueError(f"round_to must be a positive int or None, got {round_to}")
@@ -160,7 +193,7 @@ def plan_pruning(
     scores: Mapping[str, torch.Tensor],
     ratio: float,
     mode: AnyAllocation = Uniform(),
-    min_width: int = 1,
+    min_width: WidthFloor = 1,
     round_to: int | None = None,
 ) -> PruningPlan:
     """Remove the lowest-scored channels: ``ratio`` of each group (``Uniform()``, as in PFEC, Li et
@@ -171,7 +204,7 @@ def plan_pruning(
     keeps = mode.keeps(groups, scores, ratio)
     removals = {}
     for g, keep in zip(groups, keeps):
-        keep = round_width(keep, g.channels, min_width, width_step(g, round_to))
+        keep = round_width(keep, g.channels, floor_of(min_width, g), width_step(g, round_to))
         if keep < g.channels:
             removals[g.root] = lowest_channels(g, scores[g.root], g.channels - keep)
     return PruningPlan(removals)

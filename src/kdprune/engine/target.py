@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from kdprune.engine.allocate import AnyAllocation, PruningPlan, Uniform, plan_pruning
+from kdprune.engine.allocate import AnyAllocation, PruningPlan, Uniform, WidthFloor, floor_of, plan_pruning
 from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit, BudgetMeter, LatencyCheck,
                                    LatencyError, Refine, Target, fit_budget)
 from kdprune.engine.describe import coverage_summary, describe
@@ -55,11 +55,12 @@ class PruneReport:
         return self.pruned.params / self.dense.params
 
 
-def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
+def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: WidthFloor,
                round_to: int) -> tuple[int, ...] | None:
     """``removed`` plus the lowest-score kept channels that take the group one ``round_to``
     multiple narrower (whole tie classes, the lowest summed score first, where ties bind channels),
     or None if no narrower legal width exists."""
+    min_width = floor_of(min_width, group)
     if group.ties:
         return _step_down_tied(group, scores, removed, min_width, round_to)
     width = group.channels - len(removed)
@@ -71,7 +72,7 @@ def _step_down(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ..
     return tuple(sorted(set(removed) | set(order[: width - new])))
 
 
-def _step_down_tied(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: int,
+def _step_down_tied(group: ChannelGroup, scores: torch.Tensor, removed: tuple[int, ...], min_width: WidthFloor,
                     round_to: int) -> tuple[int, ...] | None:
     gone = set(removed)
     kept = sorted((c for c in group.ties if not gone & set(c)), key=lambda c: (float(scores[list(c)].mean()), c))
@@ -90,7 +91,7 @@ class _MixedRounding:
     ``round_to`` step (its lowest-score kept channels), so some widths round down and the rest up."""
 
     def __init__(self, groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
-                 min_width: int, round_to: int) -> None:
+                 min_width: WidthFloor, round_to: int) -> None:
         self.groups, self.scores, self.min_width, self.round_to = groups, scores, min_width, round_to
 
     def __call__(self, plan: PruningPlan, over: bool) -> list[list[PruningPlan]]:
@@ -110,7 +111,7 @@ def prune_to_target(
     target: Target,
     importance: Criterion = L1(),
     mode: AnyAllocation = Uniform(),
-    min_width: int = 1,
+    min_width: WidthFloor = 1,
     round_to: int | None = None,
     scores: Mapping[str, torch.Tensor] | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
@@ -160,7 +161,7 @@ def _policy(widths: WidthPolicy, round_to: int | None) -> WidthPolicy:
 
 
 def _fit(model: nn.Module, example_input: torch.Tensor, target: Target, groups: Sequence[ChannelGroup],
-         all_scores: Mapping[str, torch.Tensor], mode: AnyAllocation, min_width: int, widths: WidthPolicy,
+         all_scores: Mapping[str, torch.Tensor], mode: AnyAllocation, min_width: WidthFloor, widths: WidthPolicy,
          legal: Mapping[str, tuple[int, ...]] | None, meter: BudgetMeter) -> BudgetFit:
     round_to = widths.n if isinstance(widths, RoundTo) else None
     if legal is not None:

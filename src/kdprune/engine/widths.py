@@ -22,7 +22,7 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from kdprune.engine.allocate import PruningPlan, lowest_channels, width_step
+from kdprune.engine.allocate import PruningPlan, WidthFloor, floor_of, lowest_channels, width_step
 from kdprune.engine.graph import ChannelGroup
 from kdprune.engine.prune import apply_plan
 from kdprune.metrics import Backend, LatencyTable, shared_table
@@ -84,9 +84,9 @@ def fast_widths(latency: Mapping[int, float], window: int) -> tuple[int, ...]:
     return tuple(w for w in ws if all(latency[v] > latency[w] for v in ws if w < v <= w + window))
 
 
-def _candidates(group: ChannelGroup, min_width: int) -> list[int]:
+def _candidates(group: ChannelGroup, min_width: WidthFloor) -> list[int]:
     step = width_step(group, None) or 1
-    lo = min(max(1, min_width), group.channels)
+    lo = min(max(1, floor_of(min_width, group)), group.channels)
     return sorted({w for w in range(lo, group.channels) if w % step == 0} | {group.channels})
 
 
@@ -106,7 +106,7 @@ def _group_curve(model: nn.Module, x: torch.Tensor, group: ChannelGroup, scores:
 
 def measured_widths(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup],
                     scores: Mapping[str, torch.Tensor], policy: MeasuredWidths, table: LatencyTable,
-                    min_width: int = 1) -> dict[str, tuple[int, ...]]:
+                    min_width: WidthFloor = 1) -> dict[str, tuple[int, ...]]:
     """Group root -> its fast widths (see the module doc), each measured with ``table``."""
     with torch.random.fork_rng(devices=[]):  # tracing the copies must not move the caller's RNG
         return {g.root: fast_widths(_group_curve(model, x, g, scores[g.root], _candidates(g, min_width), table),

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdprune.engine import (FreeWidths, LatencyCheck, Recalibrate, StructureLog, Target, WidthPolicy, extend,
-                            get_structure, recalibrate_norms)
+from kdprune.engine import (FreeWidths, LatencyCheck, MinWidth, Recalibrate, StructureLog, Target, WidthFloor,
+                            WidthPolicy, extend, get_structure, recalibrate_norms)
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import write_json
 from kdprune.metrics import Backend
@@ -47,6 +47,7 @@ class PruneRecipe:
     latency_batch: int = 1  # batch size the latency target is measured at
     latency_backend: Backend = Backend.EAGER  # backend the latency target is measured on
     min_width: int = 1  # no layer narrower than this many channels
+    layer_min_width: tuple[tuple[str, int], ...] = ()  # (layer name or glob, channels) floors; CLI: stem.*=8
     round_to: int | None = None  # pruned widths a multiple of this (same as widths=RoundTo(n))
     widths: WidthPolicy = FreeWidths()  # which widths a pruned layer may take
     finetune: TrainConfig = field(default_factory=default_finetune)
@@ -60,6 +61,7 @@ class PruneRecipe:
             self.target_of()  # validates now: exactly one fraction in (0, 1)
         if self.round_to is not None and not isinstance(self.widths, FreeWidths):
             raise ValueError(f"{type(self).__name__}: give round_to or widths, not both")
+        MinWidth(self.min_width, self.layer_min_width)  # validates every floor now, not mid-run
         check_recal_batches(self)
 
     def has_target(self) -> bool:
@@ -76,21 +78,39 @@ class PruneRecipe:
         return self.target_of()
 
 
+def _matches(pattern: str, model: nn.Module, where: str) -> list[str]:
+    """The module names ``pattern`` (a name or fnmatch glob) selects; ValueError if none (a typo
+    would otherwise silently leave the layer to the defaults)."""
+    hits = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise ValueError(f"{where}: {pattern!r} names no layer of {type(model).__name__} "
+                         f"(`kdprune info PATH --layers` lists them)")
+    return hits
+
+
 def ignored_names(recipe: Any, model: nn.Module) -> list[str]:
     """The module names of ``model`` that ``recipe.ignored_layers`` (names or fnmatch globs) select,
-    with their submodules;
-    ValueError for a pattern that selects nothing (a typo would otherwise prune the layer)."""
+    with their submodules; ValueError for a pattern that selects nothing."""
     names = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for pattern in getattr(recipe, "ignored_layers", ()):
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"ignored_layers: {pattern!r} names no layer of {type(model).__name__} "
-                             f"(`kdprune info PATH --layers` lists them)")
+        hits = _matches(pattern, model, "ignored_layers")
         # a matched container keeps its parts too (EDP's decomposed conv, a whole block)
         parts = [n for n in names if any(n == h or n.startswith(h + ".") for h in hits)]
         out += [n for n in parts if n not in out]
     return out
+
+
+def width_floor(recipe: PruneRecipe, model: nn.Module) -> WidthFloor:
+    """The recipe's floor on kept widths for ``model``: ``min_width``, raised per layer by
+    ``layer_min_width`` (a pattern naming no layer is a ValueError)."""
+    if not recipe.layer_min_width:
+        return recipe.min_width
+    for pattern, _ in recipe.layer_min_width:
+        _matches(pattern, model, "layer_min_width")
+    # a container's pattern ("layer1") floors the convs inside it, as ignored_layers keeps them
+    layers = tuple((p, n) for pattern, n in recipe.layer_min_width for p in (pattern, pattern + ".*"))
+    return MinWidth(recipe.min_width, layers)
 
 
 def check_recal_batches(recipe: Any) -> None:

@@ -11,7 +11,7 @@ from kdprune.engine import (L1, L2, AdaptiveBN, Criterion, Global, PruneReport, 
                             prune_to_target, select_allocation)
 from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
-from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, width_floor
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice_name
 from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
@@ -59,7 +59,7 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
 
     def prune_copy(m: nn.Module, mode) -> PruneReport:
         return prune_to_target(m, ctx.example_input, recipe.target(), importance=importance, mode=mode,
-                               min_width=recipe.min_width, round_to=recipe.round_to, widths=recipe.widths,
+                               min_width=width_floor(recipe, m), round_to=recipe.round_to, widths=recipe.widths,
                                ignored_layers=ignored)
 
     def search_and_prune() -> dict:

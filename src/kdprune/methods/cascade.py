@@ -38,7 +38,7 @@ from kdprune.engine import (
     recalibrate_norms,
 )
 from kdprune.methods.base import (EXTRA_MODELS, CompressContext, PruneRecipe, ignored_names, recal_config,
-                                  require_free_widths)
+                                  require_free_widths, width_floor)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import LatencyModel, complexity, shared_table
 from kdprune.training import SGD, Callback, Cosine, LoopState, TrainConfig, train
@@ -152,6 +152,7 @@ class CascadePruner(Callback):
     def __init__(self, masks: MaskSlots, skeleton: nn.Module, groups: Sequence[ChannelGroup], x: Tensor,
                  recipe: Cascade, events: int) -> None:
         self.masks, self.skeleton, self.groups, self.x, self.recipe = masks, skeleton, list(groups), x, recipe
+        self.floor = width_floor(recipe, skeleton)
         self.levels, self.events, self.done = levels(recipe), max(1, events), 0
         k = len(self.levels)
         self.saliency = [{g.root: torch.zeros(g.channels, dtype=torch.float64) for g in groups} for _ in range(k)]
@@ -206,7 +207,7 @@ class CascadePruner(Callback):
         target = replace(self.recipe.target(), **{self.recipe.target().metric: min(goal, 1 - 1e-9)})
 
         def propose(t: float) -> PruningPlan:
-            plan = plan_pruning(self.groups, scores, t, self.recipe.mode, self.recipe.min_width)
+            plan = plan_pruning(self.groups, scores, t, self.recipe.mode, self.floor)
             return PruningPlan({r: sorted(set(plan.removals.get(r, ())) | forced[r]) for r in forced
                                 if forced[r] or r in plan.removals})
 

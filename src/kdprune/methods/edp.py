@@ -40,7 +40,7 @@ from kdprune.engine import (
     plan_pruning,
 )
 from kdprune.engine.budget import Bisection
-from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info
+from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, width_floor
 from kdprune.metrics import Complexity, complexity
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice
@@ -253,10 +253,11 @@ def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: lis
         _merge(m, xx, recipe.merge)
 
     round_to = recipe.widths.n if isinstance(recipe.widths, RoundTo) else recipe.round_to
+    floor = width_floor(recipe, model)
     meter: BudgetMeter[PruningPlan] = BudgetMeter(model, x, recipe.target(), apply=prune_and_merge, dense=dense,
                                                   reference=original)
     fit = fit_budget(model, x, recipe.target(),
-                     lambda r: plan_pruning(edp_groups, scores, r, recipe.mode, recipe.min_width, round_to),
+                     lambda r: plan_pruning(edp_groups, scores, r, recipe.mode, floor, round_to),
                      meter=meter, bisection=Bisection(first_within=True),
                      limits=f" with the groups of {len(fams)} coefficient families",
                      advice=" (EDP prunes only the decomposed layers' groups: select more layers)")

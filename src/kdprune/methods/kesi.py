@@ -26,6 +26,7 @@ from kdprune.engine import (
     PruningPlan,
     Target,
     Uniform,
+    WidthFloor,
     apply_plan,
     channel_groups,
     importance_scores,
@@ -33,7 +34,8 @@ from kdprune.engine import (
     prune_to_target,
 )
 from kdprune.io import load_pruned, save_pruned
-from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths
+from kdprune.methods.base import (CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths,
+                                  width_floor)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Complexity, complexity
 from kdprune.training import SGD, Adam, Constant, OneCycle, TrainConfig, evaluate, resolve_device, train
@@ -190,7 +192,7 @@ def stage_index(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup
 
 
 def stage_plan(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup],
-               ratios: Sequence[float], min_width: int = 1, round_to: int | None = None) -> PruningPlan:
+               ratios: Sequence[float], min_width: WidthFloor = 1, round_to: int | None = None) -> PruningPlan:
     """PFEC per-stage plan: remove the ``ratios[stage]`` lowest-L1 filters of each group."""
     stages = stage_index(model, x, groups)
     scores = importance_scores(model, groups, L1())
@@ -218,7 +220,7 @@ def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | N
     removed, check = 0, None
     if recipe.stage_ratios is not None:
         plan = stage_plan(model, x, [g for g in groups if g.root not in skip], recipe.stage_ratios,
-                          recipe.min_width, recipe.round_to)
+                          width_floor(recipe, model), recipe.round_to)
         apply_plan(model, x, plan)
         removed = plan.num_removed
     else:
@@ -231,7 +233,8 @@ def prune_round(recipe: KESI, model: nn.Module, x: torch.Tensor, goal: float | N
             rel = goal * _metric(dense, recipe) / _metric(complexity(model, example_input=x), recipe)
             target = Target(**{final.metric: rel}) if rel < 1.0 else None
         if target is not None and rel < 1.0:
-            rep = prune_to_target(model, x, target, importance=L1(), mode=recipe.mode, min_width=recipe.min_width,
+            rep = prune_to_target(model, x, target, importance=L1(), mode=recipe.mode,
+                                  min_width=width_floor(recipe, model),
                                   round_to=recipe.round_to, widths=recipe.widths, ignored_layers=sorted(skip),
                                   reference=reference if final.latency is not None else None)
             removed, check = rep.plan.num_removed, rep.latency

@@ -34,9 +34,10 @@ __all__ = ["TPMagnitude", "TPGroupNorm", "TPRegularizer", "tp_prune", "PeerSetup
 
 def _check_peer(recipe: Any) -> None:
     require_free_widths(recipe, "torch-pruning rounds widths with round_to only")
-    if recipe.min_width != 1:
-        raise ValueError(f"{type(recipe).__name__}: torch-pruning has no minimum width; bound the "
-                         "per-layer pruning with max_pruning_ratio instead of min_width")
+    if recipe.min_width != 1 or recipe.layer_min_width:
+        raise ValueError(f"{type(recipe).__name__}: torch-pruning has no minimum width; bound the per-layer "
+                         "pruning with max_pruning_ratio instead of min_width / layer_min_width, or keep a "
+                         "layer whole with ignored_layers")
     if not 0.0 < recipe.max_pruning_ratio < 1.0:
         raise ValueError(f"{type(recipe).__name__}.max_pruning_ratio must be in (0, 1), "
                          f"got {recipe.max_pruning_ratio}")

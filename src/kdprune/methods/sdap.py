@@ -39,7 +39,8 @@ from kdprune.engine import (
     fold_gates_into_bn,
     prune_gated,
 )
-from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths
+from kdprune.methods.base import (CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths,
+                                  width_floor)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.methods.sdap_rank import SDAPController, channel_costs, global_keep, keep_to_plan, protected_channels
 from kdprune.metrics import complexity
@@ -258,7 +259,7 @@ def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor) -> tupl
     skeleton = copy.deepcopy(model).cpu()
     x = example_input.detach().cpu()
     groups = channel_groups(copy.deepcopy(skeleton), x, ignored_names(recipe, skeleton))  # a copy: BN stats kept
-    ctl = SDAPController(skeleton, groups, x, recipe.target(), recipe.mode, recipe.min_width,
+    ctl = SDAPController(skeleton, groups, x, recipe.target(), recipe.mode, width_floor(recipe, skeleton),
                          recipe.weight_by_cost)
     ones = {g.root: torch.ones(g.channels) for g in groups}
     ctl.check_reachable(ones)

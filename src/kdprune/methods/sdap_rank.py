@@ -23,8 +23,10 @@ from kdprune.engine import (
     Refine,
     Target,
     Uniform,
+    WidthFloor,
     apply_plan,
     bisect_budget,
+    floor_of,
     plan_key,
     plan_pruning,
     search_budget,
@@ -70,10 +72,10 @@ def _cost(model: nn.Module, m: Member, row: Mapping[str, Any], metric: str) -> f
     return float(row[metric])
 
 
-def protected_channels(group: ChannelGroup, gate_abs: torch.Tensor, min_width: int) -> torch.Tensor:
+def protected_channels(group: ChannelGroup, gate_abs: torch.Tensor, min_width: WidthFloor) -> torch.Tensor:
     """SDAP min-width rule: the ``min_width`` largest-|gate| channels of a group (and the best
     channel of each concat producer) are never masked; ties go to the higher index."""
-    c = group.channels
+    c, min_width = group.channels, floor_of(min_width, group)
     order = torch.sort(gate_abs.double().cpu(), stable=True).indices  # ascending
     prot = torch.zeros(c, dtype=torch.bool)
     prot[order[c - min(min_width, c):]] = True
@@ -87,7 +89,7 @@ def protected_channels(group: ChannelGroup, gate_abs: torch.Tensor, min_width: i
 
 
 def global_keep(groups: Sequence[ChannelGroup], gate_abs: Mapping[str, torch.Tensor],
-                weights: Mapping[str, torch.Tensor], rate: float, min_width: int = 1) -> dict[str, torch.Tensor]:
+                weights: Mapping[str, torch.Tensor], rate: float, min_width: WidthFloor = 1) -> dict[str, torch.Tensor]:
     """SDAP global ranking: mask the lowest-|gate| unprotected channels of the whole network while
     their summed weight stays <= rate * total weight; returns keep masks (True = keep)."""
     g_abs = torch.cat([gate_abs[g.root].detach().double().cpu() for g in groups])
@@ -135,7 +137,7 @@ class SDAPController:
     by the engine's budget service on a gate-free copy (memoised per plan)."""
 
     def __init__(self, skeleton: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor,
-                 target: Target, mode: Allocation, min_width: int = 1,
+                 target: Target, mode: Allocation, min_width: WidthFloor = 1,
                  weight_by_cost: bool = True) -> None:
         self.skeleton, self.groups, self.x, self.target = skeleton, list(groups), example_input, target
         self.mode, self.min_width = mode, min_width
