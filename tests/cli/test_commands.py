@@ -100,6 +100,7 @@ def test_val_split_holds_out_training_images_and_reports_on_test(tmp_path, capsy
                  "--no-progress", "--control", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["scored_on"] == "test" and report["before"]["top1"] == scores["test_top1"]
+    assert "top-1 on the held-apart test set" in (out / "report.md").read_text()  # the reader is told which
     assert json.loads((out / "config.json").read_text())["run"]["val_split"] == 1000
     assert "| dense + 1 epoch(s) |" in capsys.readouterr().out
     # the held-out images are exactly those the training runs never drew from

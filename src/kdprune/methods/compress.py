@@ -197,6 +197,12 @@ _ROWS = (("before", ""), ("control", ""), ("pruned", "pruned, no fine-tune"),
          ("recalibrated", "pruned + BN recal., no fine-tune"), ("after", ""))
 
 
+# which images the top-1 column is on: a choice made on a set and scored on it reads higher
+_SCORED_ON = {"test": "top-1 on the held-apart test set (choices were made on the validation set)\n",
+              "val": "top-1 on the validation set: the same images the run's choices (checkpoints, searches) "
+                     "were made on; pass a test set for an unbiased score\n"}
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """Before/after table: accuracy, params, FLOPs, latency (eager, onnxruntime when measured); the
     speed-ups, a latency target's check; then per-layer widths that changed."""
@@ -217,7 +223,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     if "latency_onnxruntime_ms" in report:
         cols.update({"ort_bs1_ms": "ORT ms bs1", "ort_bs64_ms": "ORT ms bs64"})
     b, a = report["before"], report["after"]
-    lines = [f"## {report['recipe']['type']}", "", format_markdown(rows, cols), "",
+    lines = [f"## {report['recipe']['type']}", "", _SCORED_ON.get(report.get("scored_on"), ""),
+             format_markdown(rows, cols), "",
              f"kept: params {a['params'] / b['params']:.3f}, FLOPs {a['flops'] / b['flops']:.3f}; "
              f"wall time {report['wall_time_s']:.0f} s"]
     lines += _speedup_lines(report)
