@@ -199,3 +199,76 @@ def test_a_target_between_block_counts_fails_before_training_naming_the_reachabl
                                          r"fractions are 0\.\d+, 0\.\d+"):
         kp.compress(_resnet(), OED(replicas=2, target_flops=0.5, finetune=CYCLE, select_val=20), train, val,
                     latency=False)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class _DeadAndLive(torch.nn.Module):
+    """Two residual blocks of equal cost; ``dead``'s branch ends in a BatchNorm held at gamma = beta = 0
+    (the block is the identity), so only ``live`` carries what the head learned."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c),
+                                        torch.nn.ReLU())
+        self.dead, self.live = _Block(c), _Block(c)
+        self.fc = torch.nn.Linear(c, 4)
+        with torch.no_grad():
+            self.dead.bn2.weight.zero_()
+            self.dead.bn2.bias.zero_()
+        self.dead.bn2.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.live(self.dead(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_bn_commits_the_dead_block_where_the_least_mask_rule_cuts_the_live_one(seed):
+    """Planted: the live block has the smaller mask, so the least-mask rule commits it; the adaptive-BN
+    judge scores both one-block sets (re-estimated, held-out top-1) and commits the dead one."""
+    from kdprune.methods.oed import BlockCommit, adaptive_bn_judge
+    from kdprune.training.prox import FistaL1
+    from ..conftest import make_images
+
+    train, held = make_images(256, seed=0), make_images(64, seed=1)
+    torch.manual_seed(seed)
+    net = kp.train(_DeadAndLive(), train, None, kp.TrainConfig(epochs=4, batch_size=16, progress=False,
+                                                               optimizer=kp.SGD(lr=0.05, weight_decay=0.0))).model
+    assert kp.training.evaluate(net, held)["top1"] > 90
+    ens = OEDNet(net, mask_sites(net, X), 1, gated=False)
+    with torch.no_grad():
+        ens.masks[0] = torch.tensor([0.9, 0.1])  # (dead, live)
+    costs = {"dead": 0.5, "live": 0.5}
+    picks = {}
+    for name, judge in (("least-mask", None),
+                        ("adaptive-bn", adaptive_bn_judge(ens, X, train, held, kp.engine.AdaptiveBN(images=64)))):
+        masks = torch.nn.Parameter(ens.masks.detach().clone())
+        cb = BlockCommit(FistaL1([masks], 0.1), masks, costs, 0.5, 0.0, 0.5, judge=judge, judged=2)
+        cb.on_optimizer_step(_commit_state(0))
+        picks[name] = (cb.chosen[0], cb.scores[0])
+    assert picks["least-mask"] == (["live"], None)
+    (chosen, scores) = picks["adaptive-bn"]
+    assert chosen == ["dead"] and [s["blocks"] for s in scores] == [["live"], ["dead"]]
+    assert scores[1]["top1"] >= scores[0]["top1"] + 20  # cutting the live block is what costs accuracy
+
+
+def test_a_judged_commit_reaches_the_target_and_reports_its_scores(toy_data):
+    train, val = toy_data
+    sel = kp.engine.AdaptiveBN(candidates=2, images=16, batches=2)
+    recipe = OED(replicas=2, lam=0.5, target_params=0.7, commit_at=0.25, ramp=0.25, finetune=CYCLE, select_val=20,
+                 select=sel)
+    info = kp.compress(_resnet(), recipe, train, val, latency=False).report["method"]
+    assert abs(info["params_kept"] - 0.7) <= 0.01
+    k = info["selected_replica"]
+    assert info["removed_blocks"] == info["committed_blocks"][k]
+    scores = info["adaptive_bn"][k]
+    best = max(scores, key=lambda s: s["top1"])  # the first of equal scores: the least-mask set
+    assert len(scores) == 3 and info["committed_blocks"][k] == best["blocks"]

@@ -3,6 +3,8 @@
 allocation keeps the candidate its recalibrated score ranks first."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,17 +15,14 @@ from ..conftest import TinyNet
 
 FT = kp.TrainConfig(epochs=1, batch_size=32, optimizer=kp.SGD(lr=0.02), progress=False, seed=2)
 
-
 def _net() -> TinyNet:
     torch.manual_seed(0)
     return TinyNet(width=32)
-
 
 def _trained(toy_data) -> TinyNet:
     train, val = toy_data
     return kp.train(_net(), train, val, kp.TrainConfig(epochs=3, batch_size=16, optimizer=kp.SGD(lr=0.05),
                                                        progress=False)).model
-
 
 ONE = dict(finetune=FT)
 METHODS = [
@@ -35,7 +34,6 @@ METHODS = [
     kp.recipes.EDP(target_flops=0.6, sparse=FT, **ONE),
     kp.recipes.TPMagnitude(target_params=0.25, mode=kp.engine.Global(), **ONE),
 ]
-
 
 @pytest.mark.parametrize("recipe", METHODS, ids=lambda r: type(r).__name__)
 def test_every_removal_step_re_estimates_and_reports(recipe, toy_data):
@@ -49,7 +47,6 @@ def test_every_removal_step_re_estimates_and_reports(recipe, toy_data):
     assert rep["recalibrated"]["params"] == rep["pruned"]["params"] < rep["before"]["params"]
     assert "| pruned + BN recal., no fine-tune |" in res.markdown()
 
-
 def test_recalibration_lifts_the_prune_only_accuracy_and_can_be_switched_off(toy_data):
     train, val = toy_data
     base = _trained(toy_data)
@@ -62,16 +59,13 @@ def test_recalibration_lifts_the_prune_only_accuracy_and_can_be_switched_off(toy
     with pytest.raises(ValueError, match="recal_batches"):
         kp.recipes.L1Finetune(target_flops=0.5, recal_batches=-1)
 
-
 def test_resume_after_a_kill_during_recalibration_is_exact(toy_data, tmp_path, monkeypatch):
     train, val = toy_data
     recipe = kp.recipes.L1Finetune(target_flops=0.5, finetune=kp.TrainConfig(epochs=2, batch_size=32,
                                                                              progress=False, seed=2))
-
     def run(out, resume):
         return kp.compress(_net(), recipe, train, val, out_dir=out, resume=resume, latency=False,
                            factory=lambda: TinyNet(width=32)).model
-
     ref = run(tmp_path / "ref", False)
     real, calls = recalibrate._Moments.__call__, []
 
@@ -88,7 +82,6 @@ def test_resume_after_a_kill_during_recalibration_is_exact(toy_data, tmp_path, m
     a, b = ref.state_dict(), run(tmp_path / "run", True).state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
-
 def test_adaptive_bn_keeps_the_best_scored_candidate(toy_data):
     train, val = toy_data
     sel = kp.engine.AdaptiveBN(candidates=3, images=32, batches=2)
@@ -102,7 +95,6 @@ def test_adaptive_bn_keeps_the_best_scored_candidate(toy_data):
     applied = res.report["method"]["prune"]["mode"]  # the chosen allocation is the one applied
     assert applied == (search["chosen"] if search["chosen"] in ("uniform", "global") else "shaped")
     assert abs(res.report["after"]["params"] / res.report["before"]["params"] - 0.4) <= 0.01
-
 
 class _Planted(torch.nn.Module):
     """conv1 (``live`` channels, widened by dead ones: zero filters, BN gamma = beta = 0) -> conv2."""
@@ -132,10 +124,9 @@ class _Planted(torch.nn.Module):
         self.conv1, self.bn1, self.conv2 = conv1, bn1, conv2
         return self
 
-
-def test_adaptive_bn_sees_dead_channels_that_a_uniform_rate_cannot(toy_data):
-    """Planted: conv1 has 28 dead channels of 32, conv2 none. A uniform rate must cut conv2's live channels
-    as deep as conv1's dead ones; the adaptive-BN scores see it and do not keep the uniform plan."""
+@pytest.fixture
+def planted(toy_data) -> _Planted:
+    """Planted redundancy: conv1 has 28 dead channels of 32 (the function is the trained 4-channel one's)."""
     train, val = toy_data
     torch.manual_seed(0)
     net = kp.train(_Planted(width=32), train, val, kp.TrainConfig(epochs=8, batch_size=16, optimizer=kp.SGD(lr=0.05),
@@ -143,6 +134,13 @@ def test_adaptive_bn_sees_dead_channels_that_a_uniform_rate_cannot(toy_data):
     dense = kp.training.evaluate(net, val)["top1"]
     net.widen(32)
     assert kp.training.evaluate(net, val)["top1"] == dense  # dead channels change nothing
+    return net
+
+def test_adaptive_bn_sees_dead_channels_that_a_uniform_rate_cannot(planted, toy_data):
+    """Planted: conv1 has 28 dead channels of 32, conv2 none. A uniform rate must cut conv2's live channels
+    as deep as conv1's dead ones; the adaptive-BN scores see it and do not keep the uniform plan."""
+    train, val = toy_data
+    net = copy.deepcopy(planted)
     sel = kp.engine.AdaptiveBN(candidates=4, images=32, batches=4)
     res = kp.compress(net, kp.recipes.L1Finetune(target_flops=0.4, mode=sel, finetune=FT), train, val,
                       latency=False)
@@ -153,6 +151,23 @@ def test_adaptive_bn_sees_dead_channels_that_a_uniform_rate_cannot(toy_data):
     # conv2's surviving channels see what they saw: no BatchNorm went stale, none was re-estimated
     assert "recalibrated" not in res.report and res.report["pruned"]["top1"] == scores[search["chosen"]]
 
+def test_sdap_follows_the_shape_adaptive_bn_chose(planted, toy_data):
+    """SDAP's allocation by adaptive-BN: the winning candidate's per-layer cut (conv1's dead channels, conv2
+    whole) is the shape SDAP's ramp follows, where its uniform twin cuts conv2's live channels too."""
+    train, val = toy_data
+    cfg = kp.TrainConfig(epochs=2, batch_size=16, progress=False)
+    def run(mode):
+        torch.manual_seed(0)
+        recipe = kp.recipes.SDAP(target_flops=0.4, mode=mode, ramp_epochs=1, finetune=cfg)
+        return kp.compress(copy.deepcopy(planted), recipe, train, val, latency=False)
+
+    uni, ada = run(kp.engine.Uniform()), run(kp.engine.AdaptiveBN(candidates=4, images=32, batches=4))
+    search = ada.report["method"]["adaptive_bn"]
+    assert search["chosen"] != "uniform" and dict(search["shape"]) == {"conv1": 1.0, "conv2": 0.0}
+    wu, wa = uni.report["widths"]["after"], ada.report["widths"]["after"]
+    assert wa["conv2"] == 32 > wu["conv2"] and wa["conv1"] < wu["conv1"]
+    for res in (uni, ada):  # both meet the target
+        assert abs(res.report["after"]["flops"] / res.report["before"]["flops"] - 0.4) <= 0.01
 
 def test_a_fine_tune_after_the_re_estimation_trains_the_same_weights(toy_data):
     """Train-mode BatchNorm normalises by the batch and never reads its running statistics: the

@@ -1,8 +1,8 @@
 """Pruning engine: DepGraph channel groups, importance, allocation, width policies, the budget service
 (FLOPs/params/latency targets over any family of edits), physical removal, soft masks and the structure log. Never
 imports kdprune.distill/methods."""
-from kdprune.engine.allocate import (MODES, Allocation, Global, MinWidth, PruningPlan, Shaped, Uniform, WidthFloor,
-                                     floor_of, plan_pruning, round_width)
+from kdprune.engine.allocate import (MODES, Allocation, AnyAllocation, Global, MinWidth, PruningPlan, Shaped, Uniform,
+                                     WidthFloor, floor_of, plan_pruning, round_width)
 from kdprune.engine.graph import (
     BARRIER_ATTR,
     TRACE_TIMEOUT_S,
@@ -61,7 +61,8 @@ from kdprune.engine.budget import (
 from kdprune.engine.widths import (WIDTH_POLICIES, FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy,
                                    fast_widths, measured_widths, snap_plan)
 from kdprune.engine.target import PruneReport, Target, prune_to_target
-from kdprune.engine.adaptive import AdaptiveBN, Candidate, Selection, select_allocation
+from kdprune.engine.adaptive import (AdaptiveBN, Candidate, Selection, adaptive_bn_score, candidate_allocations,
+                                     select_allocation, shape_of)
 from kdprune.engine.recalibrate import (Recalibrate, RecalibrationReport, affected_norms, batch_norms,
                                         recalibrate_norms)
 
@@ -88,6 +89,8 @@ __all__ = [
     "LATENCY_REFITS", "LATENCY_TOLERANCE", "LatencyCheck", "LatencyError", "verify_latency",
     "WIDTH_POLICIES", "FreeWidths", "LegalSteps", "MeasuredWidths", "RoundTo", "WidthPolicy", "fast_widths",
     "measured_widths", "snap_plan",
-    "AdaptiveBN", "Candidate", "Selection", "select_allocation", "Shaped",
+    "AdaptiveBN", "Candidate", "adaptive_bn_score", "Selection", "candidate_allocations", "select_allocation",
+    "shape_of", "Shaped",
+    "AnyAllocation",
     "Recalibrate", "RecalibrationReport", "affected_norms", "batch_norms", "recalibrate_norms",
 ]

@@ -13,13 +13,15 @@ from torch import nn
 from torch.utils.data import Subset
 
 from kdprune.data import as_loader
-from kdprune.engine.allocate import AnyAllocation, Global, Shaped, Uniform
+from kdprune.engine.allocate import AnyAllocation, Global, PruningPlan, Shaped, Uniform
 from kdprune.engine.budget import BudgetError, Target
+from kdprune.engine.graph import ChannelGroup
 from kdprune.engine.links import channel_groups
 from kdprune.engine.recalibrate import Recalibrate, recalibrate_norms
 from kdprune.registry import choice
 
-__all__ = ["AdaptiveBN", "Candidate", "Selection", "candidate_allocations", "select_allocation", "top1"]
+__all__ = ["AdaptiveBN", "Candidate", "adaptive_bn_score", "Selection", "candidate_allocations", "select_allocation",
+           "shape_of", "top1"]
 
 
 @choice("adaptive-bn")
@@ -69,6 +71,15 @@ def candidate_allocations(model: nn.Module, x: torch.Tensor, sel: AdaptiveBN) ->
     return out
 
 
+def shape_of(plan: PruningPlan, groups: list[ChannelGroup]) -> Shaped:
+    """The Shaped allocation that cuts each of ``groups`` by the fraction ``plan`` cuts it (at ratio =
+    the largest such fraction; weight 0: a group ``plan`` leaves whole), so a method that ranks
+    channels its own way can follow a chosen plan's per-group shape at any ratio."""
+    frac = {g.root: len(plan.removals.get(g.root, ())) / g.channels for g in groups}
+    top = max(frac.values(), default=0.0)
+    return Shaped(tuple((r, round(f / top, 6) if top else 1.0) for r, f in frac.items()))
+
+
 @torch.no_grad()
 def top1(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     """Top-1 accuracy (percent) of ``model`` in eval mode on ``data``."""
@@ -93,13 +104,21 @@ def _subset(data: Any, n: int, seed: int) -> Any:
     return Subset(data, idx.tolist())
 
 
+def adaptive_bn_score(model: nn.Module, train: Any, val: Any, sel: AdaptiveBN, before: nn.Module | None = None
+                      ) -> float:
+    """EagleEye's adaptive-BN score (Li et al. 2020): ``model``'s BatchNorms (those stale since
+    ``before``; all without it) re-estimated in place on ``sel.batches`` training batches, then its
+    top-1 on ``sel.images`` validation images."""
+    recalibrate_norms(model, train, Recalibrate(batches=sel.batches, seed=sel.seed), before=before)
+    return top1(model, _subset(val, sel.images, sel.seed))
+
+
 def select_allocation(model: nn.Module, x: torch.Tensor, target: Target, sel: AdaptiveBN, train: Any, val: Any,
                       prune: Callable[[nn.Module, AnyAllocation], Any]) -> tuple[AnyAllocation, list[Candidate]]:
     """The allocation whose pruned, BN-recalibrated copy of ``model`` scores best on a ``val`` subset
     (EagleEye, Li et al. 2020); ``prune(copy, allocation)`` prunes a copy to ``target`` in place."""
     if val is None:
         raise ValueError("AdaptiveBN scores candidates on validation images: pass val data")
-    subset, recal = _subset(val, sel.images, sel.seed), Recalibrate(batches=sel.batches, seed=sel.seed)
     scored: list[Candidate] = []
     for name, alloc in candidate_allocations(model, x, sel):
         m = copy.deepcopy(model)
@@ -108,8 +127,7 @@ def select_allocation(model: nn.Module, x: torch.Tensor, target: Target, sel: Ad
         except BudgetError:  # this shape cannot reach the target: not a candidate
             scored.append(Candidate(name, alloc, None))
             continue
-        recalibrate_norms(m, train, recal, before=model)
-        scored.append(Candidate(name, alloc, top1(m, subset)))
+        scored.append(Candidate(name, alloc, adaptive_bn_score(m, train, val, sel, before=model)))
     ok = [c for c in scored if c.top1 is not None]
     if not ok:
         raise BudgetError(f"AdaptiveBN: no candidate allocation reaches {target.metric} {target.value}", None)

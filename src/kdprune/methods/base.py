@@ -6,13 +6,14 @@ import fnmatch
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from kdprune.engine import (FreeWidths, LatencyCheck, MinWidth, Recalibrate, StructureLog, Target, WidthFloor,
-                            WidthPolicy, extend, get_structure, recalibrate_norms)
+from kdprune.engine import (AdaptiveBN, AnyAllocation, ChannelGroup, FreeWidths, LatencyCheck, MinWidth, Recalibrate,
+                            Shaped, StructureLog, Target, WidthFloor, WidthPolicy, candidate_allocations, extend,
+                            get_structure, recalibrate_norms, select_allocation, shape_of)
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import write_json
 from kdprune.metrics import Backend
@@ -113,6 +114,29 @@ def width_floor(recipe: PruneRecipe, model: nn.Module) -> WidthFloor:
     return MinWidth(recipe.min_width, layers)
 
 
+def adaptive_allocation(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, sel: AdaptiveBN,
+                        prune_copy: Callable[[nn.Module, AnyAllocation], Any], name: str,
+                        shape: Sequence[ChannelGroup] | None = None) -> tuple[AnyAllocation, dict[str, Any]]:
+    """The allocation EagleEye's adaptive-BN evaluation (Li et al., ECCV 2020) picks for ``model``:
+    each candidate pruned by ``prune_copy(copy, allocation)`` (a PruneReport), re-estimated, scored on
+    ``ctx.val``; with ``shape`` (the method's groups), the winner's per-group cut as a Shaped allocation.
+    Decided once per run (``ctx.decided(name, ...)``), returned with ``{"adaptive_bn": scores}``."""
+    x = ctx.example_input.cpu()
+
+    def decide() -> dict[str, Any]:
+        chosen, cands = select_allocation(model, x, recipe.target(), sel, ctx.train, ctx.val, prune_copy)
+        rec = {"candidates": [c.as_dict() for c in cands],
+               "chosen": next(c.name for c in cands if c.allocation is chosen)}
+        if shape is not None:  # recorded, not recomputed on resume: a latency-fitted plan could differ
+            rec["shape"] = shape_of(prune_copy(copy.deepcopy(model), chosen).plan, list(shape)).weights
+        return rec
+
+    rec = ctx.decided(name, decide)
+    if "shape" in rec:
+        return Shaped(tuple((r, float(w)) for r, w in rec["shape"])), {"adaptive_bn": rec}
+    return dict(candidate_allocations(model, x, sel))[rec["chosen"]], {"adaptive_bn": rec}
+
+
 def check_recal_batches(recipe: Any) -> None:
     """ValueError unless ``recipe.recal_batches`` is a count >= 0."""
     if recipe.recal_batches < 0:
@@ -167,6 +191,17 @@ class CompressContext:
         if path is not None and is_main_process():
             write_json(path, {"edits": log.edits[done:], "input_shape": log.input_shape, "info": info})
         return info
+
+    def decided(self, name: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``decide()`` once per run: kept in ``out_dir/name/decision.json`` and read back on resume
+        (a search that measured latency, or scored candidates, must not pick again)."""
+        path = None if self.out_dir is None else self.out_dir / name / "decision.json"
+        if path is not None and self.resume and path.is_file():
+            return json.loads(path.read_text())
+        rec = decide()
+        if path is not None and is_main_process():
+            write_json(path, rec)
+        return rec
 
     def recalibrate(self, model: nn.Module, recipe: Any, before: nn.Module | None = None,
                     seed: int | None = None) -> dict[str, Any]:

@@ -8,10 +8,11 @@ from torch import nn
 
 from kdprune.distill import KDTask
 from kdprune.engine import (L1, L2, AdaptiveBN, Criterion, Global, PruneReport, Selection, Uniform, channel_groups,
-                            prune_to_target, select_allocation)
+                            prune_to_target)
 from kdprune.engine.importance import criterion_label
 from kdprune.engine.sparsity import add_group_lasso_grad_
-from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, latency_info, width_floor
+from kdprune.methods.base import (CompressContext, PruneRecipe, adaptive_allocation, ignored_names, latency_info,
+                                  width_floor)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice_name
 from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
@@ -65,10 +66,7 @@ def _prune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext, importan
     def search_and_prune() -> dict:
         mode, search = recipe.mode, {}
         if isinstance(mode, AdaptiveBN):
-            mode, cands = select_allocation(model, ctx.example_input, recipe.target(), mode, ctx.train, ctx.val,
-                                            prune_copy)
-            search = {"adaptive_bn": {"candidates": [c.as_dict() for c in cands],
-                                      "chosen": next(c.name for c in cands if c.allocation is mode)}}
+            mode, search = adaptive_allocation(model, recipe, ctx, mode, prune_copy, "prune")
         rep = prune_copy(model, mode)
         prune = {"importance": criterion_label(rep.importance), "mode": choice_name(rep.mode), "ratio": rep.ratio,
                  "achieved": rep.achieved, "flops_kept": rep.flops_kept, "params_kept": rep.params_kept,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,12 @@ from torch.utils.data import Subset
 from kdprune.distill import kd_loss
 from kdprune.engine import (
     TOLERANCE,
+    AdaptiveBN,
     BudgetError,
     BudgetMeter,
     LatencyCheck,
     Target,
+    adaptive_bn_score,
     apply_edit,
     attach_block_masks,
     fold_block_masks,
@@ -41,11 +43,11 @@ from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Backend, complexity
 from kdprune.training import SGD, Step, TrainConfig, evaluate, train
 from kdprune.training.callbacks import Callback, LoopState
-from kdprune.registry import check_choice_fields
+from kdprune.registry import check_choice_fields, choice
 from kdprune.training.prox import FistaL1
 
-__all__ = ["OED", "OEDNet", "OEDTask", "BlockCommit", "block_costs", "commit_goal", "default_cycle", "select_blocks",
-           "choose_blocks", "finish"]
+__all__ = ["OED", "LeastMask", "BlockSelection", "adaptive_bn_judge", "OEDNet", "OEDTask", "BlockCommit", "block_costs",
+           "commit_goal", "default_cycle", "select_blocks", "choose_blocks", "finish"]
 
 RECIPE_VERSION = 2  # 2: blocks committed during the cycle for a target
 
@@ -53,6 +55,17 @@ RECIPE_VERSION = 2  # 2: blocks committed during the cycle for a target
 def default_cycle() -> TrainConfig:
     """GAL's schedule shape (SGD 0.01, wd 2e-4, x0.1 step decays) at a CPU-sized length."""
     return TrainConfig(epochs=10, optimizer=SGD(lr=0.01, weight_decay=2e-4), schedule=Step(milestones=(0.5, 0.75)))
+
+
+@choice("least-mask")
+@dataclass(frozen=True)
+class LeastMask:
+    """OED's block set for a target: of the sets of whole blocks that meet it, the least total mask."""
+
+
+#: How BlockCommit picks among the block sets near a target: the least total mask, or (AdaptiveBN) the
+#: best adaptive-BN score of the ``1 + candidates`` least-mask sets (EagleEye, Li et al. 2020).
+BlockSelection = Union[LeastMask, AdaptiveBN]
 
 
 @register_recipe("oed")
@@ -85,6 +98,8 @@ class OED:
     # masks stop shrinking (lam 0), so the rest of the cycle trains the network without them.
     commit_at: float = 0.25
     ramp: float = 0.15  # fraction of the cycle over which committed block masks ramp to 0
+    # adaptive-bn: score the least-mask block sets by their BN-re-estimated held-out top-1 (EagleEye)
+    select: BlockSelection = LeastMask()
     recal_batches: int = RECAL_BATCHES  # BN statistics re-estimated after the blocks go (0: off)
     version: int = RECIPE_VERSION
 
@@ -169,6 +184,16 @@ class OEDNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The teacher's logits (what evaluation scores as the main model)."""
         return self.forward_all(x)[1]
+
+    def replica_copy(self, k: int) -> nn.Module:
+        """A copy of replica ``k`` on the CPU without the mask and feature hooks (its masks unapplied)."""
+        self.hooks[k].remove()
+        self.taps[k].remove()
+        try:
+            return copy.deepcopy(self.replicas[k]).cpu()
+        finally:  # same hooks back (the only ones on those modules: their order is unchanged)
+            self.hooks[k] = attach_block_masks(self.replicas[k], self.sites, self._values(k))
+            self.taps[k] = _classifier(self.replicas[k]).register_forward_pre_hook(self._tap(k))
 
     def detach_hooks(self) -> None:
         """Remove the mask and feature hooks (the replicas compute their unmasked functions again)."""
@@ -257,17 +282,18 @@ def _pick(meter: BudgetMeter[frozenset[str]], zero: frozenset[str], names: list[
 
 def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, window: float = TOLERANCE,
                   limit: int = 20) -> list[frozenset[str]]:
-    """Subsets whose summed cost is within ``window`` of ``need``, least total mask first (a
-    dynamic programme over costs rounded to 1/2000 of the dense model)."""
+    """Up to ``limit`` subsets whose summed cost is within ``window`` of ``need``, least total mask
+    first (a dynamic programme over costs rounded to 1/2000 of the dense model that keeps the
+    ``limit`` least-mask subsets of each cost: blocks of one stage cost the same, and a judge of
+    the sets needs more than the least-mask one of them)."""
     res = 1 / 2000
-    best: dict[int, tuple[float, frozenset[str]]] = {0: (0.0, frozenset())}
+    best: dict[int, list[tuple[float, frozenset[str]]]] = {0: [(0.0, frozenset())]}
     for b, c in cost.items():
         step = round(c / res)
-        for k, (m, sub) in list(best.items()):
-            key = k + step
-            if key not in best or m + mask[b] < best[key][0]:
-                best[key] = (m + mask[b], sub | {b})
-    near = [(m, sub) for k, (m, sub) in best.items() if abs(k * res - need) <= window]
+        for k, subs in list(best.items()):
+            grown = best.get(k + step, []) + [(m + mask[b], sub | {b}) for m, sub in subs]
+            best[k + step] = sorted(grown, key=lambda t: (t[0], sorted(t[1])))[:limit]
+    near = [t for k, subs in best.items() if abs(k * res - need) <= window for t in subs]
     return [sub for _, sub in sorted(near, key=lambda t: (t[0], sorted(t[1])))][:limit]
 
 
@@ -315,10 +341,12 @@ class BlockCommit(Callback):
     ``ramp`` of the steps and stop shrinking the others (their lam -> 0 in ``fista``)."""
 
     def __init__(self, fista: FistaL1, masks: nn.Parameter, costs: dict[str, float], goal: float,
-                 commit_at: float, ramp: float, tolerance: float = TOLERANCE) -> None:
+                 commit_at: float, ramp: float, tolerance: float = TOLERANCE,
+                 judge: Callable[[int, list[frozenset[str]]], list[float]] | None = None, judged: int = 1) -> None:
         self.fista, self.masks, self.names = fista, masks, list(costs)
         self.costs, self.goal, self.commit_at, self.ramp = costs, goal, commit_at, ramp
-        self.tolerance = tolerance
+        self.tolerance, self.judge, self.judged = tolerance, judge, judged
+        self.scores: list[list[dict[str, Any]] | None] = [None] * masks.shape[0]  # the judge's, per replica
         self.chosen: list[list[str] | None] = [None] * masks.shape[0]
         self.start: list[Tensor | None] = [None] * masks.shape[0]  # mask values at commit
         self.at = [0] * masks.shape[0]  # step of the commit
@@ -331,7 +359,13 @@ class BlockCommit(Callback):
         near = _subsets_near(self.costs, mask, 1.0 - self.goal, self.tolerance)
         if not near:
             raise ValueError(f"OED: no set of whole blocks keeps {self.goal} within {self.tolerance:.0%}")
-        self.chosen[k], self.start[k], self.at[k] = sorted(near[0]), self.masks[k].detach().clone(), step
+        pick = near[0]
+        if self.judge is not None:  # the first of equal scores: the least-mask set wins ties
+            sets = near[:self.judged]
+            top1 = self.judge(k, sets)
+            pick = sets[max(range(len(sets)), key=lambda i: (top1[i], -i))]
+            self.scores[k] = [{"blocks": sorted(s), "top1": t} for s, t in zip(sets, top1)]
+        self.chosen[k], self.start[k], self.at[k] = sorted(pick), self.masks[k].detach().clone(), step
         lam = self.fista.lams[0]
         lam = lam.clone() if isinstance(lam, Tensor) else torch.full_like(self.masks, lam)
         lam[k] = 0.0  # the kept blocks stop shrinking; the chosen ones follow the ramp below
@@ -353,12 +387,32 @@ class BlockCommit(Callback):
                 self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "at": self.at,
+        return {"chosen": self.chosen, "at": self.at, "scores": self.scores,
                 "start": [s.clone() if s is not None else None for s in self.start]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.chosen, self.at = [list(c) if c is not None else None for c in state["chosen"]], list(state["at"])
+        self.scores = list(state.get("scores", self.scores))
         self.start = [s.clone() if s is not None else None for s in state["start"]]
+
+
+def adaptive_bn_judge(net: OEDNet, x: Tensor, train: Any, held: Any, sel: AdaptiveBN
+                      ) -> Callable[[int, list[frozenset[str]]], list[float]]:
+    """BlockCommit's judge: for replica ``k``, each block set's adaptive-BN score (EagleEye, Li et al.
+    2020): the replica's masks folded, the set (and every zero-mask block) removed, its BatchNorms
+    re-estimated on ``train``, its top-1 on ``sel.images`` of the ``held`` images."""
+    names = list(net.sites)
+
+    def judge(k: int, sets: list[frozenset[str]]) -> list[float]:
+        base, values = net.replica_copy(k), net.masks[k].detach().cpu()
+        out = []
+        for s in sets:
+            m, v = copy.deepcopy(base), values.clone()
+            v[[names.index(b) for b in s]] = 0.0
+            fold_block_masks(m, net.sites, v, x.cpu())
+            out.append(adaptive_bn_score(m, train, held, sel))
+        return out
+    return judge
 
 
 def block_costs(model: nn.Module, x: Tensor, sites: dict[str, str], target: Target) -> dict[str, float]:
@@ -403,7 +457,10 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     if target is not None:  # after FISTA's step, so the ramp caps what FISTA produced
         costs, goal = block_costs(model, x, sites, target), commit_goal(model, x, sites, target)
         check_block_target(costs, goal, target.tolerance, target.metric)
-        callbacks.append(BlockCommit(fista, net.masks, costs, goal, recipe.commit_at, recipe.ramp, target.tolerance))
+        sel = recipe.select
+        judge = adaptive_bn_judge(net, x, train_set, held, sel) if isinstance(sel, AdaptiveBN) else None
+        callbacks.append(BlockCommit(fista, net.masks, costs, goal, recipe.commit_at, recipe.ramp, target.tolerance,
+                                     judge, 1 + sel.candidates if judge is not None else 1))
     res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
                 out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)
@@ -412,4 +469,6 @@ def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history)
     if len(callbacks) > 1:
         info.update(committed_blocks=callbacks[1].chosen, committed_at_step=callbacks[1].at)
+        if callbacks[1].judge is not None:
+            info["adaptive_bn"] = callbacks[1].scores
     return pruned, info

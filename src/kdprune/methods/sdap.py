@@ -26,21 +26,25 @@ from torch import nn
 
 from kdprune.distill import CETask, KDTask
 from kdprune.engine import (
+    L1,
     TOLERANCE,
-    Allocation,
+    AdaptiveBN,
+    AnyAllocation,
     GroupsChangedError,
     MaskKind,
     MaskSet,
     PruningPlan,
+    Selection,
     Uniform,
     apply_plan,
     attach_masks,
     channel_groups,
     fold_gates_into_bn,
     prune_gated,
+    prune_to_target,
 )
-from kdprune.methods.base import (CompressContext, PruneRecipe, ignored_names, latency_info, require_free_widths,
-                                  width_floor)
+from kdprune.methods.base import (CompressContext, PruneRecipe, adaptive_allocation, ignored_names, latency_info,
+                                  require_free_widths, width_floor)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.methods.sdap_rank import SDAPController, channel_costs, global_keep, keep_to_plan, protected_channels
 from kdprune.metrics import complexity
@@ -48,7 +52,7 @@ from kdprune.training import SGD, Callback, CarryOptimizerState, Cosine, LoopSta
 
 __all__ = ["SDAP", "SDAPController", "GateSchedule", "cubic_rate", "channel_costs", "global_keep",
            "protected_channels", "keep_to_plan", "prepare", "sdap_task", "sdap_stages", "gated_windows",
-           "fold_and_remove", "default_sdap_train"]
+           "fold_and_remove", "default_sdap_train", "allocation"]
 
 
 def default_sdap_train() -> TrainConfig:
@@ -70,7 +74,9 @@ class SDAP(PruneRecipe):
     # Uniform, not the paper's global rate: on the held-out split (issue 16, docs/methods/sdap.md)
     # the global |gate| ranking cut ResNet-20's first stage to 1-4 channels and lost 0.84 points at
     # 25% of params (tied at 50% of FLOPs).
-    mode: Allocation = Uniform()
+    # adaptive-bn (EagleEye): the per-layer shape whose L1-pruned, re-estimated copy scores best on
+    # the validation set; the gates then pick the channels inside each layer
+    mode: Selection = Uniform()
     weight_by_cost: bool = True  # rank gates by |g| per unit of FLOPs/params they cost
     remove_early: bool = True  # ours: remove masked channels once the ramp is over (docstring above)
     # ours: also cut the channels masked so far at every epoch end while gated (their gates are 0,
@@ -254,12 +260,34 @@ def fold_and_remove(model: nn.Module, masks: MaskSet, keep: Mapping[str, torch.T
     return plan
 
 
-def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor) -> tuple[MaskSet, GateSchedule]:
-    """Attach SDAP gates (init 1: the network is unchanged) and build the masking callback."""
+def allocation(model: nn.Module, recipe: SDAP, ctx: CompressContext) -> tuple[AnyAllocation, dict[str, Any]]:
+    """``recipe.mode``, or for ``AdaptiveBN()`` the per-group shape of the candidate whose L1-pruned,
+    BN-re-estimated copy of the dense ``model`` scores best on the validation set (EagleEye, Li et al.
+    2020): it fixes each group's share of the cut (at every rate of the ramp), SDAP's gates rank the
+    channels inside each group."""
+    if not isinstance(recipe.mode, AdaptiveBN):
+        return recipe.mode, {}
+    dense, ignored = copy.deepcopy(model).cpu(), ignored_names(recipe, model)
+
+    def prune_copy(m: nn.Module, alloc: AnyAllocation) -> Any:
+        return prune_to_target(m, ctx.example_input.cpu(), recipe.target(), importance=L1(), mode=alloc,
+                               min_width=width_floor(recipe, m), ignored_layers=ignored)
+
+    groups = channel_groups(copy.deepcopy(dense), ctx.example_input.cpu(), ignored)
+    return adaptive_allocation(dense, recipe, ctx, recipe.mode, prune_copy, "sdap-allocation", shape=groups)
+
+
+def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor,
+            mode: AnyAllocation | None = None) -> tuple[MaskSet, GateSchedule]:
+    """Attach SDAP gates (init 1: the network is unchanged) and build the masking callback; ``mode``:
+    the allocation (default ``recipe.mode``; what ``allocation`` chose for ``AdaptiveBN()``)."""
+    mode = recipe.mode if mode is None else mode
+    if isinstance(mode, AdaptiveBN):
+        raise ValueError("SDAP: pass the allocation adaptive-BN chose (sdap.allocation) as mode=")
     skeleton = copy.deepcopy(model).cpu()
     x = example_input.detach().cpu()
     groups = channel_groups(copy.deepcopy(skeleton), x, ignored_names(recipe, skeleton))  # a copy: BN stats kept
-    ctl = SDAPController(skeleton, groups, x, recipe.target(), recipe.mode, width_floor(recipe, skeleton),
+    ctl = SDAPController(skeleton, groups, x, recipe.target(), mode, width_floor(recipe, skeleton),
                          recipe.weight_by_cost)
     ones = {g.root: torch.ones(g.channels) for g in groups}
     ctl.check_reachable(ones)
@@ -331,7 +359,8 @@ def _train_gated(model: nn.Module, recipe: SDAP, ctx: CompressContext, cb: GateS
 
 @run_recipe.register
 def _(recipe: SDAP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
-    _, cb = prepare(model, recipe, ctx.example_input)
+    mode, search = allocation(model, recipe, ctx)
+    _, cb = prepare(model, recipe, ctx.example_input, mode)
     task = sdap_task(recipe, ctx)
     gated, pruned = sdap_stages(recipe)
     history, cuts = _train_gated(model, recipe, ctx, cb, task, gated)
@@ -339,6 +368,7 @@ def _(recipe: SDAP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, 
     info["recalibration"] = ctx.recalibrate(model, recipe)  # gates folded: every BN re-estimated
     info["train"], info["removed_after_epochs"] = history, gated.epochs if pruned else None
     info["cut_each_epoch"] = cuts
+    info.update(search)
     if pruned is not None:  # the rest of the run at the pruned cost
         res = train(model, ctx.train, ctx.val, ctx.with_progress(pruned, "sdap pruned"), task=task,
                     out_dir=ctx.stage_dir("sdap-pruned"), resume=ctx.resumable("sdap-pruned"),

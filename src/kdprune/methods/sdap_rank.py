@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdprune.engine import (
-    Allocation,
+    AnyAllocation,
     Bisection,
     BudgetFit,
     BudgetMeter,
@@ -22,7 +22,6 @@ from kdprune.engine import (
     PruningPlan,
     Refine,
     Target,
-    Uniform,
     WidthFloor,
     apply_plan,
     bisect_budget,
@@ -137,7 +136,7 @@ class SDAPController:
     by the engine's budget service on a gate-free copy (memoised per plan)."""
 
     def __init__(self, skeleton: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor,
-                 target: Target, mode: Allocation, min_width: WidthFloor = 1,
+                 target: Target, mode: AnyAllocation, min_width: WidthFloor = 1,
                  weight_by_cost: bool = True) -> None:
         self.skeleton, self.groups, self.x, self.target = skeleton, list(groups), example_input, target
         self.mode, self.min_width = mode, min_width
@@ -154,7 +153,8 @@ class SDAPController:
         if isinstance(self.mode, Global):
             return close_ties(self.groups, global_keep(self.groups, gate_abs, self.weights, rate, self.min_width))
         scores = {r: v.detach().float().cpu() for r, v in gate_abs.items()}
-        plan = plan_pruning(self.groups, scores, min(max(rate, 0.0), 1.0), Uniform(), self.min_width)
+        # uniform, or the per-group shape an adaptive-BN search chose (gates rank inside each group)
+        plan = plan_pruning(self.groups, scores, min(max(rate, 0.0), 1.0), self.mode, self.min_width)
         keep = {g.root: torch.ones(g.channels, dtype=torch.bool) for g in self.groups}
         for root, idxs in plan.items():
             keep[root][list(idxs)] = False
