@@ -17,8 +17,8 @@ from kdprune.engine import ChannelGroup, Global, Member, Uniform, apply_plan, ch
 from kdprune.methods.base import CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.methods.sdap import (
-    SDAP, channel_costs, cubic_rate, fold_and_remove, gated_windows, global_keep, keep_to_plan, prepare, sdap_stages,
-    sdap_task,
+    SDAP, Gate, ScaledGate, channel_costs, cubic_rate, fold_and_remove, gated_windows, global_keep, keep_to_plan,
+    prepare, sdap_stages, sdap_task,
 )
 from kdprune.training import LoopState
 
@@ -320,3 +320,37 @@ def test_masks_move_grouped_conv_channels_as_whole_classes():
     assert close_ties([g], keep)["conv"].tolist() == [True, True, True, True]  # both classes split: kept
     keep = {"conv": torch.tensor([False, True, False, True])}
     assert close_ties([g], keep)["conv"].tolist() == [False, True, False, True]  # a whole class: masked
+
+
+def test_the_scaled_global_rate_cuts_the_planted_dead_channels(planted, toy_data):
+    """Planted: conv1 has 28 dead channels (BN gamma = beta = 0) of 32. Their gates get no gradient and
+    stay at 1, so |g| cannot see them; |g| * |gamma| ranks them last, and one global rate then cuts the
+    over-wide conv1 only, where a uniform rate cuts conv2's live channels as deep."""
+    train, val = toy_data
+
+    def run(mode, saliency):
+        torch.manual_seed(0)
+        recipe = SDAP(target_flops=0.4, mode=mode, saliency=saliency, ramp_epochs=1,
+                      finetune=kp.TrainConfig(epochs=2, batch_size=16, progress=False))
+        return kp.compress(copy.deepcopy(planted), recipe, train, val, latency=False)
+
+    def live(res) -> int:  # conv1's surviving live channels (dead ones have zero filters)
+        return int((res.model.conv1.weight.flatten(1).abs().sum(1) > 0).sum())
+
+    scaled, uniform, paper = run(Global(), ScaledGate()), run(Uniform(), Gate()), run(Global(), Gate())
+    ws, wu = scaled.report["widths"]["after"], uniform.report["widths"]["after"]
+    assert ws["conv2"] == 32 > wu["conv2"] and ws["conv1"] < wu["conv1"]
+    assert live(scaled) == 4  # every live conv1 channel survived: only dead ones were cut
+    assert live(paper) < 4  # the paper's |g|: the dead channels' gates sat at 1 and outranked live ones
+    assert scaled.report["after"]["top1"] > paper.report["after"]["top1"]
+    for res in (scaled, uniform, paper):
+        assert abs(res.report["after"]["flops"] / res.report["before"]["flops"] - 0.4) <= 0.01
+
+
+def test_site_scale_is_the_gated_batchnorms_gamma(planted):
+    from kdprune.engine import attach_masks
+    groups = channel_groups(copy.deepcopy(planted), torch.zeros(1, 1, 8, 8))
+    masks = attach_masks(planted, groups, kind=kp.engine.MaskKind.GATE)
+    scale = masks.site_scale()
+    assert torch.allclose(scale["conv1"].float(), planted.bn1.weight.detach().abs())
+    assert (scale["conv1"][4:] == 0).all() and (scale["conv1"][:4] > 0).all()

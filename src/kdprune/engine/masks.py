@@ -113,6 +113,23 @@ class MaskSet(nn.Module):
             vec = vec.index_put((local.to(device),), values)  # out of place: keeps gate grads
         return vec
 
+    @torch.no_grad()
+    def site_scale(self) -> dict[str, torch.Tensor]:
+        """Per group (root channel order), the scale of the affine op each gate multiplies: over the
+        group's sites, the L2 norm of a BatchNorm's |gamma| or a conv/linear filter's norm (1 where
+        no site scales a channel, e.g. a placer). The gate alone is blind to it: a BatchNorm-normalised
+        channel with gamma = beta = 0 is dead whatever its gate."""
+        sq = {r: torch.zeros(g.channels, dtype=torch.float64) for r, g in self.groups.items()}
+        seen = {r: torch.zeros(g.channels, dtype=torch.bool) for r, g in self.groups.items()}
+        for site, entries in self.site_map.items():
+            per = _channel_scale(self._model.get_submodule(site))
+            if per is None:
+                continue
+            for root, local, rootidx in entries:
+                sq[root].index_add_(0, rootidx, per[local].double() ** 2)
+                seen[root][rootidx] = True
+        return {r: torch.where(seen[r], s.sqrt(), torch.ones_like(s)) for r, s in sq.items()}
+
     def attach(self, model: nn.Module) -> "MaskSet":
         """Register hooks on every site and the MaskSet as ``model.kdprune_masks``."""
         if getattr(model, MASKS_ATTR, None) is not None:
@@ -190,6 +207,19 @@ def masks_to_plan(masks: MaskSet, threshold: float = 0.0) -> PruningPlan:
         if drop:
             removals[root] = drop
     return PruningPlan(removals)
+
+
+def _channel_scale(module: nn.Module) -> torch.Tensor | None:
+    """|gamma| of an affine norm layer, the per-output-channel filter norm of a conv/linear, on the
+    CPU; None for a layer with no per-channel weight (a placer, a non-affine norm)."""
+    w = getattr(module, "weight", None)
+    if is_placer(module) or w is None:
+        return None
+    w = w.detach().float().cpu()
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return w.abs()
+    out_dim = 1 if getattr(module, "transposed", False) else 0
+    return w.transpose(0, out_dim).flatten(1).norm(dim=1)
 
 
 def _scale_site(module: nn.Module, vec: torch.Tensor, name: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
@@ -48,11 +48,30 @@ from kdprune.methods.base import (CompressContext, PruneRecipe, adaptive_allocat
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.methods.sdap_rank import SDAPController, channel_costs, global_keep, keep_to_plan, protected_channels
 from kdprune.metrics import complexity
+from kdprune.registry import choice
 from kdprune.training import SGD, Callback, CarryOptimizerState, Cosine, LoopState, TrainConfig, train
 
-__all__ = ["SDAP", "SDAPController", "GateSchedule", "cubic_rate", "channel_costs", "global_keep",
-           "protected_channels", "keep_to_plan", "prepare", "sdap_task", "sdap_stages", "gated_windows",
-           "fold_and_remove", "default_sdap_train", "allocation"]
+__all__ = ["SDAP", "Gate", "ScaledGate", "GateSaliency", "SDAPController", "GateSchedule", "cubic_rate",
+           "channel_costs", "global_keep", "protected_channels", "keep_to_plan", "prepare", "sdap_task", "sdap_stages",
+           "gated_windows", "fold_and_remove", "default_sdap_train", "allocation"]
+
+
+@choice("gate")
+@dataclass(frozen=True)
+class Gate:
+    """The paper's saliency: |g|, the gate's magnitude."""
+
+
+@choice("scaled-gate")
+@dataclass(frozen=True)
+class ScaledGate:
+    """Ours: |g| times the scale of the affine op it gates (|gamma| of the BatchNorm, a filter's norm
+    where no BatchNorm follows): the channel's output scale, comparable across layers where |g| of
+    gates in front of BatchNorm-normalised convs is not."""
+
+
+#: What SDAP ranks channels by.
+GateSaliency = Union[Gate, ScaledGate]
 
 
 def default_sdap_train() -> TrainConfig:
@@ -78,6 +97,7 @@ class SDAP(PruneRecipe):
     # the validation set; the gates then pick the channels inside each layer
     mode: Selection = Uniform()
     weight_by_cost: bool = True  # rank gates by |g| per unit of FLOPs/params they cost
+    saliency: GateSaliency = Gate()  # gate: |g| (the paper); scaled-gate: |g| * |gamma| (ours)
     remove_early: bool = True  # ours: remove masked channels once the ramp is over (docstring above)
     # ours: also cut the channels masked so far at every epoch end while gated (their gates are 0,
     # so the output is unchanged): the ramp's later epochs run at a smaller cost. On issue 16's grid
@@ -106,10 +126,15 @@ def cubic_rate(step: int, ramp_steps: int, final: float) -> float:
     return float(final) * (1.0 - (1.0 - step / ramp_steps) ** 3)
 
 
-def _gate_abs(masks: MaskSet) -> dict[str, torch.Tensor]:
+def _gate_abs(masks: MaskSet, saliency: GateSaliency = Gate()) -> dict[str, torch.Tensor]:
+    """Per group, the saliency the ranking uses: |g| or (ScaledGate) |g| times its site's scale."""
     roots = list(masks.groups)
     flat = torch.cat([masks.value(r).detach().abs().reshape(-1) for r in roots]).cpu()  # one sync
-    return dict(zip(roots, flat.split([masks.groups[r].channels for r in roots])))
+    out = dict(zip(roots, flat.split([masks.groups[r].channels for r in roots])))
+    if isinstance(saliency, ScaledGate):
+        scale = masks.site_scale()
+        out = {r: v * scale[r].to(v.dtype) for r, v in out.items()}
+    return out
 
 
 _CUT = -1.0  # |gate| of a channel already cut out: below every live one, so it ranks (and stays) masked
@@ -119,8 +144,10 @@ class GateSchedule(Callback):
     """SDAP's per-step masking: cubic ramp of the masked rate, masked gates held at 0 (value and
     gradient), optional L1 on the gates, final rate re-searched at every epoch end; resumable."""
 
-    def __init__(self, masks: MaskSet, ctl: SDAPController, ramp_epochs: float, gate_l1: float = 0.0) -> None:
+    def __init__(self, masks: MaskSet, ctl: SDAPController, ramp_epochs: float, gate_l1: float = 0.0,
+                 saliency: GateSaliency = Gate()) -> None:
         self.masks, self.ctl, self.ramp_epochs, self.gate_l1 = masks, ctl, float(ramp_epochs), float(gate_l1)
+        self.saliency = saliency
         self.p_final: float | None = None
         self.keep = {r: torch.ones(g.channels, dtype=torch.bool) for r, g in masks.groups.items()}
         # keep/ranking use the dense network's channel order; alive: those still in the live model
@@ -139,8 +166,9 @@ class GateSchedule(Callback):
         return cubic_rate(step, self.ramp_steps(state), self.p_final or 0.0)
 
     def gate_abs(self) -> dict[str, torch.Tensor]:
-        """|gate| per channel of the dense network (``_CUT`` where a channel was cut out)."""
-        live = _gate_abs(self.masks)
+        """The saliency (|gate|, or scaled) per channel of the dense network (``_CUT`` where a channel
+        was cut out)."""
+        live = _gate_abs(self.masks, self.saliency)
         out = {r: torch.full((len(k),), _CUT) for r, k in self.keep.items()}
         for r, v in live.items():
             out[r][self.alive[r]] = v
@@ -294,7 +322,7 @@ def prepare(model: nn.Module, recipe: SDAP, example_input: torch.Tensor,
     if ctl.meter.latency is not None:  # correct the prediction now, so training masks what will be cut
         ctl.verify(ctl.best_keep(ones)[0], ones)
     masks = attach_masks(model, groups, kind=MaskKind.GATE, init=1.0)
-    return masks, GateSchedule(masks, ctl, recipe.ramp_epochs, recipe.gate_l1)
+    return masks, GateSchedule(masks, ctl, recipe.ramp_epochs, recipe.gate_l1, recipe.saliency)
 
 
 def _finish(model: nn.Module, cb: GateSchedule, x: torch.Tensor) -> dict[str, Any]:
