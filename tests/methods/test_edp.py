@@ -159,3 +159,38 @@ def test_contribution_scores_are_filter_norms_at_init_and_follow_the_coefficient
         m.get_submodule("layer1.0.conv1.coeff").weight[:, 3] = 0.0  # basis filter 3 unused
     assert contribution(m, groups["layer1.0.conv1.basis"])[3] == 0
     assert contribution(m, groups[row_root])[3] == 0  # and output row 3 is empty too
+
+
+def _directional(fam, loss_of) -> torch.Tensor:
+    """d loss / d s of every group of ``fam`` scaled by s (at s = 1): sum over the group of grad * param."""
+    for p in fam.params:
+        p.grad = None
+    loss_of().backward()
+    out = None
+    for p, dim, idx in zip(fam.params, fam.dims, fam.index):
+        gp = (p.grad * p).detach()
+        per = gp.sum(dim=[d for d in range(p.dim()) if d != dim]) if p.dim() > 1 else gp
+        out = per[idx] if out is None else out + per[idx]
+    return out
+
+
+def test_a_row_group_of_bn_scaled_carries_loss_gradient_where_a_coefficient_row_carries_none():
+    """The invariance (issue 29): a coefficient conv's row feeds a train-mode BatchNorm, so scaling it
+    leaves the loss unchanged (zero directional gradient, whatever the data); the BatchNorm's (gamma,
+    beta) of the same channel is the output scale, and the loss moves with it."""
+    from kdprune.methods.edp import BNScaled
+    torch.manual_seed(0)
+    m = _decomposed(TinyNet(width=8), ["features.0", "features.3"]).train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(m(x), y)
+
+    groups = channel_groups(m, X)
+    paper = edp_families(m, groups, 0.1, 0.1)
+    ours = edp_families(m, groups, 0.1, 0.1, BNScaled())
+    rows = [r for r in ours if not r.endswith(".basis")]
+    assert rows and all(ours[r].params[0] is not paper[r].params[0] for r in rows)
+    for r in rows:
+        assert _directional(paper[r], loss).abs().max() < 1e-5  # A's row: BatchNorm undoes it (up to its eps)
+        assert _directional(ours[r], loss).abs().max() > 1e-3  # (gamma, beta): the loss sees it

@@ -44,12 +44,12 @@ from kdprune.methods.base import CompressContext, PruneRecipe, ignored_names, la
 from kdprune.metrics import Complexity, complexity
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.registry import choice
-from kdprune.training import SGD, Cosine, TrainConfig, train
+from kdprune.training import SGD, Callback, Cosine, TrainConfig, train
 from kdprune.training.prox import GroupLassoProx, GroupSlices
 from kdprune.utils.forward import probe_forward
 
-__all__ = ["EDP", "Conv3x3", "AllConvs", "Named", "MergeByFlops", "MergeByLatency", "edp_families",
-           "merge_decisions", "default_sparse_stage"]
+__all__ = ["EDP", "Coefficients", "BNScaled", "UnitBasis", "Conv3x3", "AllConvs", "Named", "MergeByFlops",
+           "MergeByLatency", "edp_families", "merge_decisions", "default_sparse_stage"]
 
 
 @choice("conv3x3")
@@ -140,6 +140,42 @@ class MergeByLatency:
 MergeRule = Union[MergeByFlops, MergeByLatency]
 
 
+@choice("coefficients")
+@dataclass(frozen=True)
+class Coefficients:
+    """The paper's groups: A's columns (rank) and A's rows (output channels), ranked at the end by
+    what each adds to its layers' outputs (``contribution``)."""
+
+
+@choice("bn-scaled")
+@dataclass(frozen=True)
+class BNScaled:
+    """Ours (docs/methods/edp.md): a row group is the (gamma, beta) of the BatchNorm after A's rows,
+    the output scale that BatchNorm cannot undo (A's row norm it undoes exactly); a column group is
+    A's column with B's filters held at unit norm (``UnitBasis``), so B cannot absorb its shrinkage.
+    The group norms the sparse stage leaves are the ranking: it, not a post-hoc norm, decides."""
+
+
+#: Which parameters EDP's group lasso acts on.
+EDPPenalty = Union[Coefficients, BNScaled]
+
+
+class UnitBasis(Callback):
+    """After every optimiser step (before the prox), each basis filter B_j scaled to unit norm and
+    A's column j by its old norm: A B is unchanged, and ||A[:, j]|| is then the filter's whole scale."""
+
+    def __init__(self, blocks: list[DecomposedConv]) -> None:
+        self.blocks = blocks
+
+    @torch.no_grad()
+    def on_optimizer_step(self, state: Any = None) -> None:
+        """Move every basis filter's norm into its coefficient column."""
+        for b in self.blocks:
+            norm = b.basis.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+            b.basis.weight.div_(norm.view(-1, 1, 1, 1))
+            b.coeff.weight.mul_(norm.view(1, -1, 1, 1))
+
+
 def default_sparse_stage() -> TrainConfig:
     """The one sparsity stage (group prox on the coefficients): 3 epochs of SGD 0.01, cosine."""
     return TrainConfig(epochs=3, optimizer=SGD(lr=0.01), schedule=Cosine())
@@ -157,6 +193,7 @@ class EDP(PruneRecipe):
     layers: LayerSelector = Conv3x3()  # which convs are decomposed into basis + coefficients
     merge: MergeRule = MergeByFlops()  # when a pruned pair is merged back into one conv
     mode: Allocation = Global()  # smallest mean-normalised group norms over all layers go first
+    penalty: EDPPenalty = Coefficients()  # coefficients: A's rows/columns (the paper); bn-scaled (ours)
     kd_alpha: float = 0.0  # ours: KD from the dense model in both stages; 0 = the paper (CE only)
     temperature: float = 4.0  # KD softmax temperature
 
@@ -178,12 +215,26 @@ def _aligned(group: ChannelGroup, member_name: str, role: str) -> torch.Tensor:
     return torch.tensor([local[r] for r in range(group.channels)], dtype=torch.long)
 
 
-def edp_families(model: nn.Module, groups: list[ChannelGroup], lam_col: float, lam_row: float
-                 ) -> dict[str, GroupSlices]:
+def _bn_rows(model: nn.Module, group: ChannelGroup, lam: float) -> GroupSlices | None:
+    """The (gamma, beta) of every affine BatchNorm normalising ``group``'s channels, one L2 group per
+    channel; None unless each of its coefficient convs is followed by one."""
+    bns = [m.name for m in group.members if m.kind == "bn" and m.role == "out"]
+    mods = [model.get_submodule(n) for n in bns]
+    coeffs = [m for m in group.producers if m.kind != "bn"]
+    if not bns or len(bns) < len(coeffs) or any(getattr(m, "weight", None) is None for m in mods):
+        return None
+    params = tuple(p for m in mods for p in (m.weight, m.bias))
+    index = tuple(i for n in bns for i in (_aligned(group, n, "out"),) * 2)
+    return GroupSlices(params, (0,) * len(params), index, lam)
+
+
+def edp_families(model: nn.Module, groups: list[ChannelGroup], lam_col: float, lam_row: float,
+                 penalty: EDPPenalty = Coefficients()) -> dict[str, GroupSlices]:
     """Group root -> its group-lasso family: the rank group of each block (A's columns) and every
     output-channel group whose weighted producers are all coefficient convs (A's rows, the coupled
-    rows of a residual stream together); groups with another producer get none (notes: outputs
-    feeding a residual add are pruned only as a whole coupled group)."""
+    rows of a residual stream together; ``BNScaled``: the BatchNorms' (gamma, beta) after them);
+    groups with another producer get none (notes: outputs feeding a residual add are pruned only as
+    a whole coupled group)."""
     blocks = {f"{n}.coeff": n for n in decomposed_convs(model)}
     out: dict[str, GroupSlices] = {}
     for g in groups:
@@ -193,6 +244,10 @@ def edp_families(model: nn.Module, groups: list[ChannelGroup], lam_col: float, l
             continue
         weighted = [m for m in g.producers if m.kind != "bn"]
         if weighted and all(m.name in blocks for m in weighted):
+            rows = _bn_rows(model, g, lam_row) if isinstance(penalty, BNScaled) else None
+            if rows is not None:
+                out[g.root] = rows
+                continue
             names = [m.name for m in weighted]
             out[g.root] = GroupSlices(tuple(model.get_submodule(n).weight for n in names), (0,) * len(names),
                                       tuple(_aligned(g, n, "out") for n in names), lam_row)
@@ -246,7 +301,10 @@ def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: lis
     """The smallest groups out until the model *after merging* keeps the target of the original
     model's (``dense``, ``original``) FLOPs/params/measured latency (budget service)."""
     edp_groups = [g for g in groups if g.root in fams]
-    scores = {g.root: contribution(model, g) for g in edp_groups}
+    if isinstance(recipe.penalty, BNScaled):  # what the sparse stage left: the penalised norms
+        scores = {g.root: fams[g.root].norms().double().cpu() for g in edp_groups}
+    else:
+        scores = {g.root: contribution(model, g) for g in edp_groups}
 
     def prune_and_merge(m: nn.Module, xx: torch.Tensor, plan: PruningPlan) -> None:
         apply_plan(m, xx, plan)
@@ -267,6 +325,15 @@ def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: lis
     return {"achieved": achieved, "channels_removed": fit.best.candidate.num_removed,
             "zero_groups": sum(zero.values()), "groups": sum(g.channels for g in edp_groups),
             **latency_info(fit.latency)}
+
+
+def _norm_spread(fams: dict[str, GroupSlices]) -> dict[str, float]:
+    """What the sparse stage left: how many groups are exactly zero, and the spread of the norms
+    within a family (std / mean, averaged over families): 0 when the prox only shrank them alike."""
+    norms = [f.norms().double().cpu() for f in fams.values()]
+    spread = [float(n.std() / n.mean()) for n in norms if len(n) > 1 and n.mean() > 0]
+    return {"zero": int(sum(int((n == 0).sum()) for n in norms)), "groups": int(sum(len(n) for n in norms)),
+            "spread": sum(spread) / max(len(spread), 1)}
 
 
 def _stage(model: nn.Module, cfg: TrainConfig, name: str, ctx: CompressContext, task, callbacks=()) -> list:
@@ -298,10 +365,14 @@ def _(recipe: EDP, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, d
     for n in names:
         apply_edit(model, {"op": "decompose_conv", "module": n}, x)
     groups = channel_groups(model, x, ignored_names(recipe, model))
-    fams = edp_families(model, groups, recipe.lam_col, recipe.lam_row)
+    fams = edp_families(model, groups, recipe.lam_col, recipe.lam_row, recipe.penalty)
     task = KDTask(ctx.dense, recipe.temperature, recipe.kd_alpha) if recipe.kd_alpha > 0 else None
-    info: dict[str, Any] = {"sparse": _stage(model, recipe.sparse, "sparse", ctx, task,
-                                             [GroupLassoProx(list(fams.values()))])}
+    callbacks: list[Callback] = [GroupLassoProx(list(fams.values()))]
+    if isinstance(recipe.penalty, BNScaled):  # unit filters first (exact), then the prox on A's columns
+        callbacks.insert(0, UnitBasis([model.get_submodule(n) for n in names]))
+        callbacks[0].on_optimizer_step()
+    info: dict[str, Any] = {"sparse": _stage(model, recipe.sparse, "sparse", ctx, task, callbacks)}
+    info["group_norms"] = _norm_spread(fams)
     model.cpu()  # prune where the example input lives
     pre = copy.deepcopy(model)
     info["prune"] = _prune_to_target(model, recipe, x, groups, fams, dense, ctx.dense)

@@ -130,8 +130,9 @@ class GroupSlices:
 
     def norms(self) -> Tensor:
         """||group g||_2 for every group."""
-        sq = [p.detach().pow(2).sum(dim=[d for d in range(p.dim()) if d != dim])[idx]
-              for p, dim, idx in zip(self.params, self.dims, self.index)]
+        # (a 1-D parameter, a BatchNorm's gamma, has nothing to sum: sum(dim=[]) would sum it all)
+        sq = [(p.detach().pow(2).sum(dim=[d for d in range(p.dim()) if d != dim]) if p.dim() > 1
+               else p.detach().pow(2))[idx] for p, dim, idx in zip(self.params, self.dims, self.index)]
         return torch.stack(sq).sum(0).sqrt()
 
     @torch.no_grad()
