@@ -48,7 +48,7 @@ class PruneRecipe:
     latency_batch: int = 1  # batch size the latency target is measured at
     latency_backend: Backend = Backend.EAGER  # backend the latency target is measured on
     min_width: int = 1  # no layer narrower than this many channels
-    layer_min_width: tuple[tuple[str, int], ...] = ()  # (layer name or glob, channels) floors; CLI: stem.*=8
+    layer_min_width: tuple[tuple[str, int], ...] = ()  # per-layer floors: (name or glob, channels); CLI stem.*=8
     round_to: int | None = None  # pruned widths a multiple of this (same as widths=RoundTo(n))
     widths: WidthPolicy = FreeWidths()  # which widths a pruned layer may take
     finetune: TrainConfig = field(default_factory=default_finetune)
