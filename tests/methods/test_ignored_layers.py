@@ -9,21 +9,10 @@ from kdprune.cli.compress_cmd import build_recipe
 from kdprune.cli.main import build_parser
 
 from ..conftest import TinyNet
-
-FT = kp.TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, progress=False)
-RECIPES = [
-    kp.recipes.L1Finetune(target_flops=0.6, finetune=FT),
-    kp.recipes.KDFinetune(target_flops=0.6, finetune=FT),
-    kp.recipes.GroupNorm(target_flops=0.6, sparse=FT, finetune=FT),
-    kp.recipes.SDAP(target_flops=0.6, ramp_epochs=1, finetune=kp.TrainConfig(epochs=2, batch_size=32, progress=False)),
-    kp.recipes.KESI(target_flops=0.6, rounds=1, retrain_epochs=1, distill_epochs=1, finetune=FT),
-    kp.recipes.EDP(target_flops=0.85, sparse=FT, finetune=FT),
-    kp.recipes.Cascade(target_flops=0.6, assistants=0, cascade=FT, finetune=FT),
-    kp.recipes.TPMagnitude(target_flops=0.6, finetune=FT),
-]
+from .tiny_recipes import CHANNEL_RECIPES, FT
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("recipe", CHANNEL_RECIPES, ids=lambda r: type(r).__name__)
 def test_an_ignored_layer_keeps_its_width(recipe, toy_data):
     import dataclasses
 

@@ -14,18 +14,11 @@ from kdprune.cli.main import build_parser
 from kdprune.engine import MinWidth, channel_groups, floor_of, plan_pruning
 
 from ..conftest import TinyNet
+from .tiny_recipes import CHANNEL_RECIPES, FT
 
-FT = kp.TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=2, progress=False)
 FLOOR = 30  # of 32: far above the ~25 channels a uniform 60% FLOPs cut leaves features.0
-RECIPES = [
-    kp.recipes.L1Finetune(target_flops=0.6, finetune=FT),
-    kp.recipes.KDFinetune(target_flops=0.6, finetune=FT),
-    kp.recipes.GroupNorm(target_flops=0.6, sparse=FT, finetune=FT),
-    kp.recipes.SDAP(target_flops=0.6, ramp_epochs=1, finetune=kp.TrainConfig(epochs=2, batch_size=32, progress=False)),
-    kp.recipes.KESI(target_flops=0.6, rounds=1, retrain_epochs=1, distill_epochs=1, finetune=FT),
-    kp.recipes.EDP(target_flops=0.85, sparse=FT, finetune=FT),
-    kp.recipes.Cascade(target_flops=0.6, assistants=0, cascade=FT, finetune=FT),
-]
+# the torch-pruning peers refuse a floor (tested below)
+RECIPES = [r for r in CHANNEL_RECIPES if not isinstance(r, kp.recipes.TPMagnitude)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: type(r).__name__)

@@ -180,22 +180,23 @@ class CompressContext:
         """Run a removal step (``run()`` edits ``model`` in place, returns its info) once: its edits
         and info are kept in ``out_dir/name/removal.json``, and a resumed run re-applies them instead
         of searching again (a latency target's measured search could pick other widths)."""
-        path = None if self.out_dir is None else self.out_dir / name / "removal.json"
-        if path is not None and self.resume and path.is_file():
-            rec = json.loads(path.read_text())
-            extend(model, StructureLog(rec["edits"], rec.get("input_shape")))
-            return rec["info"]
         done = len(get_structure(model) or ())
-        info = run()
-        log = get_structure(model) or StructureLog()
-        if path is not None and is_main_process():
-            write_json(path, {"edits": log.edits[done:], "input_shape": log.input_shape, "info": info})
-        return info
 
-    def decided(self, name: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """``decide()`` once per run: kept in ``out_dir/name/decision.json`` and read back on resume
-        (a search that measured latency, or scored candidates, must not pick again)."""
-        path = None if self.out_dir is None else self.out_dir / name / "decision.json"
+        def cut() -> dict[str, Any]:
+            info = run()
+            log = get_structure(model) or StructureLog()
+            return {"edits": log.edits[done:], "input_shape": log.input_shape, "info": info}
+
+        rec = self.decided(name, cut, "removal.json")
+        if rec["edits"] and len(get_structure(model) or ()) == done:  # read back on resume: redo the cut
+            extend(model, StructureLog(rec["edits"], rec.get("input_shape")))
+        return rec["info"]
+
+    def decided(self, name: str, decide: Callable[[], dict[str, Any]], file: str = "decision.json"
+                ) -> dict[str, Any]:
+        """``decide()`` once per run: kept in ``out_dir/name/file`` and read back on resume (a search
+        that measured latency, or scored candidates, must not pick again)."""
+        path = None if self.out_dir is None else self.out_dir / name / file
         if path is not None and self.resume and path.is_file():
             return json.loads(path.read_text())
         rec = decide()
