@@ -16,7 +16,8 @@ from kdprune.engine.graph import (
     find_barriers,
     tp_group,
 )
-from kdprune.engine.links import GroupStatus, channel_groups, group_table
+from kdprune.engine.links import GroupStatus
+from kdprune.engine.groups import EXACT_OPS, channel_groups, group_table, inexact_groups
 from kdprune.engine.blocks import RemoveBlock, ShortcutOnly, checked_parts, residual_blocks, residual_parts
 from kdprune.engine.discover import POST_FUNCTIONS, BlockScan, branch_end, discover_block, discover_blocks, scan_blocks
 from kdprune.engine.blockmask import BlockMaskHooks, attach_block_masks, fold_block_masks, mask_sites
@@ -69,7 +70,7 @@ from kdprune.engine.recalibrate import (Recalibrate, RecalibrationReport, affect
 __all__ = [
     "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width", "MinWidth", "WidthFloor",
     "floor_of",
-    "BARRIER_ATTR", "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
+    "BARRIER_ATTR", "EXACT_OPS", "inexact_groups", "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
     "classifier_layers",
     "find_barriers", "tp_group", "barrier_pruners", "TRACE_TIMEOUT_S", "TraceTimeout",
     "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",

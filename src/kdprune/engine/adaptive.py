@@ -16,7 +16,7 @@ from kdprune.data import as_loader
 from kdprune.engine.allocate import AnyAllocation, Global, PruningPlan, Shaped, Uniform
 from kdprune.engine.budget import BudgetError, Target
 from kdprune.engine.graph import ChannelGroup
-from kdprune.engine.links import channel_groups
+from kdprune.engine.groups import channel_groups
 from kdprune.engine.recalibrate import Recalibrate, recalibrate_norms
 from kdprune.registry import choice
 

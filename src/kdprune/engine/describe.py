@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdprune.engine.graph import build_graph
-from kdprune.engine.links import group_table
+from kdprune.engine.groups import group_table
 
 __all__ = ["LayerCoverage", "describe", "coverage_summary"]
 

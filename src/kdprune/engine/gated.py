@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from kdprune.engine.allocate import PruningPlan
+from kdprune.engine.fold import fold_weight_transform
 from kdprune.engine.graph import ChannelGroup
-from kdprune.engine.links import channel_groups
+from kdprune.engine.groups import channel_groups
 from kdprune.engine.masks import MaskKind, MaskSet, attach_masks
 from kdprune.engine.prune import apply_plan
 
@@ -71,6 +72,8 @@ def _pruned_groups(model: nn.Module, plan: PruningPlan, x: torch.Tensor) -> tupl
     trial = copy.deepcopy(model)
     trial.kdprune_masks.remove()
     trial.double()
+    for m in trial.modules():  # fold first (as apply_plan will): positions must survive as positions
+        fold_weight_transform(m)
     cols = _encode_positions(trial)
     apply_plan(trial, x.double(), plan)
     return channel_groups(trial, x.double()), _decode_positions(trial, cols)

@@ -18,7 +18,8 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
-from kdprune.engine.reshape import ChannelReshape, find_channel_reshapes, find_channel_shuffles, routed_forward
+from kdprune.engine.reshape import ChannelReshape, find_channel_shuffles, routed_forward, trace_channel_ops
+from kdprune.engine.slices import ChannelSlice, slice_calls
 
 __all__ = [
     "Member", "Part", "ChannelGroup", "build_graph", "find_barriers",
@@ -129,14 +130,19 @@ class _BarrierPruner(tpf.BasePruningFunc):
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        if is_placer(layer):
+        if is_placer(layer) or isinstance(layer, ChannelSlice):
             layer.kdprune_prune_inputs(sorted(int(i) for i in idxs))
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int | None:
+        if isinstance(layer, ChannelSlice):
+            a, b = layer.bounds
+            return b - a
         return layer.kdprune_channels()[1] if is_placer(layer) else None
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
+        if isinstance(layer, ChannelSlice):
+            return len(layer.kept)
         return layer.kdprune_channels()[0] if is_placer(layer) else None
 
 
@@ -210,27 +216,28 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     try:
         model.eval()
         with _masks_disabled(model):
-            calls = find_channel_reshapes(model, example_input)
+            calls, sliced = trace_channel_ops(model, example_input)
             shuffles = find_channel_shuffles(model, example_input, calls)
     finally:
         model.train(was_training)
-    stand_ins = nn.ModuleList(ChannelReshape(c) for c in calls)
-    if calls:
-        classes.add(ChannelReshape)
+    reshapes, slices = [ChannelReshape(c) for c in calls], slice_calls(sliced)
+    stand_ins = nn.ModuleList(reshapes + slices)
+    classes |= {type(m) for m in stand_ins}
+    if stand_ins:
         model.add_module(_RESHAPES_ATTR, stand_ins)  # tp hooks only the model's own modules
     pruner = _BarrierPruner()
     try:
         with torch.enable_grad(), _masks_disabled(model), _time_limit(TRACE_TIMEOUT_S):
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, verbose=False,
-                forward_fn=routed_forward(stand_ins) if calls else None,
+                forward_fn=routed_forward(nn.ModuleList(reshapes), slices) if stand_ins else None,
                 customized_pruners={c: pruner for c in classes},
             )
     finally:
         model.train(was_training)  # tp's tracer leaves the model in eval mode
-        if calls:
+        if stand_ins:
             delattr(model, _RESHAPES_ATTR)
-    labels = [m.call.describe() for m in stand_ins]
+    labels = [m.call.describe() if isinstance(m, ChannelReshape) else m.call.describe(m.piece) for m in stand_ins]
     for k, m in enumerate(stand_ins):  # member names must be unique: number repeated labels
         dg._module2name[m] = labels[k] if labels.count(labels[k]) == 1 else f"{labels[k][:-1]} #{k}>"
     dg.kdprune_barrier_classes = tuple(classes)

@@ -17,7 +17,6 @@ importance, masks and budgets work on it as on any group; ``apply_plan`` removes
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -26,12 +25,13 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
+from kdprune.engine.slices import ChannelSlice
 from kdprune.engine.graph import (
     _UNPRUNABLE, RESHAPE_ROOT, ChannelGroup, Member, Part, _gconv_period, _member_name, _members, _sites,
     build_graph, classifier_layers, invalid_member, resolve_layers,
 )
 
-__all__ = ["channel_groups", "group_table", "GroupStatus", "is_multiplier", "link_ties"]
+__all__ = ["raw_group_table", "GroupStatus", "is_multiplier", "link_ties"]
 
 
 def is_multiplier(module: nn.Module) -> bool:
@@ -105,19 +105,22 @@ def _raw_groups(model: nn.Module, dg: tp.DependencyGraph, excluded: dict[nn.Modu
 
 
 def _shuffle_outputs(model: nn.Module, dg: tp.DependencyGraph, found: Sequence[_Raw], last: int) -> list[_Raw]:
-    """Groups rooted at a shuffle's output where no layer's output group reaches it (the shuffle
-    feeds a plain conv or a split directly), so that the shuffle can link it."""
+    """Groups rooted at a shuffle's output or a channel slice's piece where no layer's output group
+    reaches it (it feeds a plain conv or a split directly), so that the link can join it."""
+    stand_ins = getattr(dg, "kdprune_stand_ins", ())
+    outputs = [(s.first + 1, len(s.perm)) for _, _, s in getattr(dg, "kdprune_shuffles", ())]
+    outputs += [(k, m.call.pieces[m.piece][1] - m.call.pieces[m.piece][0]) for k, m in enumerate(stand_ins)
+                if isinstance(m, ChannelSlice) and m in dg.module2node]
     out = []
-    for _, r_name, shuffle in getattr(dg, "kdprune_shuffles", ()):
-        c = len(shuffle.perm)
-        free = sorted(set(range(c)) - set(_channel_owners(found, r_name, "out")))
-        if not free:
+    for k, c in outputs:
+        stand_in = stand_ins[k]
+        owned = _channel_owners(list(found) + out, dg._module2name[stand_in], "out")
+        free = sorted(set(range(c)) - set(owned))
+        if not free or not c:
             continue
-        stand_in = dg.kdprune_stand_ins[shuffle.first + 1]
         group = dg.get_pruning_group(stand_in, dg.get_pruner_of_module(stand_in).prune_out_channels, free)
         members = _members(dg, group)
-        out.append(_Raw(f"{RESHAPE_ROOT}{shuffle.first + 1}", last + shuffle.first, members,
-                        _sites(dg, model, members), None, c))
+        out.append(_Raw(f"{RESHAPE_ROOT}{k}", last + k, members, _sites(dg, model, members), None, c))
     return out
 
 
@@ -155,6 +158,7 @@ def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph) -> _Li
     links = _Links()
     for v_name, r_name, shuffle in getattr(dg, "kdprune_shuffles", ()):
         _link_shuffle(links, raws, dg, v_name, r_name, shuffle)
+    _link_slices(links, raws, dg)
     for name, mod in model.named_modules():
         if is_multiplier(mod):
             _link_multiplier(links, raws, name, mod)
@@ -185,6 +189,34 @@ def _link_shuffle(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph, v
         # every chunk, so the chunks stay equal
         links.ties += [[r_out[j + k * chunk] for k in range(c // chunk)] for j in range(chunk)]
         links.resolved.add(name)
+
+
+def _link_slices(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph) -> None:
+    """Input channel ``a + j`` of a channel slice is its piece's channel ``j``; pieces that must
+    stay equal lose the same positions (a tie across the pieces of one call)."""
+    calls: dict[int, list] = {}
+    for m in getattr(dg, "kdprune_stand_ins", ()):
+        if isinstance(m, ChannelSlice):
+            calls.setdefault(id(m.call), []).append(m)
+    for pieces in calls.values():
+        if not all(m in dg.module2node for m in pieces):
+            continue  # a piece DepGraph did not see (written into in place): the slice stays unlinked
+        names = [dg._module2name[m] for m in pieces]
+        x_in = _channel_owners(raws, names[0], "in")
+        outs = [_channel_owners(raws, n, "out") for n in names]
+        call = pieces[0].call
+        if len(x_in) != call.width or any(len(o) != b - a for o, (a, b) in zip(outs, call.pieces)):
+            continue  # a side DepGraph did not trace whole: the slice stays a barrier
+        for o, (a, _) in zip(outs, call.pieces):
+            for j, owner in o.items():
+                links.chans.union(x_in[a + j], owner)
+                links.comps.union(owner[0], x_in[a + j][0])
+        for g, _ in x_in.values():
+            links.comps.union(g, x_in[0][0])
+        if call.equal:
+            n = call.pieces[0][1] - call.pieces[0][0]
+            links.ties += [[x_in[a + j] for a, _ in call.pieces] for j in range(n)]
+        links.resolved |= set(names)
 
 
 def _link_multiplier(links: _Links, raws: Sequence[_Raw], name: str, mod: nn.Module) -> None:
@@ -291,11 +323,12 @@ def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], links: _L
     return GroupStatus(group, why)
 
 
-def group_table(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module | str] = (),
-                dg: tp.DependencyGraph | None = None,
-                root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)) -> list[GroupStatus]:
-    """Every channel group (DepGraph, Fang et al. 2023, linked where a shuffle, a channel
-    multiplier or a grouped conv couples several), in module order, with why it stays whole."""
+def raw_group_table(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[nn.Module | str] = (),
+                    dg: tp.DependencyGraph | None = None,
+                    root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)) -> list[GroupStatus]:
+    """Every channel group (DepGraph, Fang et al. 2023, linked where a shuffle, a channel slice, a
+    channel multiplier or a grouped conv couples several), in module order, with why it stays
+    whole; not yet checked for exactness (``kdprune.engine.groups.group_table`` is)."""
     dg = dg or build_graph(model, example_input)
     excluded = {m: "ignored by the caller" for m in resolve_layers(model, ignored_layers)}
     excluded.update({m: "classifier output" for m in classifier_layers(model, dg)})
@@ -306,23 +339,3 @@ def group_table(model: nn.Module, example_input: torch.Tensor, ignored_layers: S
     for i in range(len(raws)):
         comp_of.setdefault(links.comps.find(i), []).append(i)
     return [_compound(model, raws, idxs, links) for idxs in sorted(comp_of.values(), key=min)]
-
-
-def channel_groups(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    ignored_layers: Sequence[nn.Module | str] = (),
-    dg: tp.DependencyGraph | None = None,
-    root_types: tuple[type, ...] = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear),
-) -> list[ChannelGroup]:
-    """Prunable output-channel groups of ``model`` (DepGraph, Fang et al. 2023, linked across
-    shuffles, channel multipliers and grouped convs), excluding the classifier output, groups
-    touching ``ignored_layers`` or channel barriers, and groups whose ties cannot be honoured."""
-    found = []
-    for status in group_table(model, example_input, ignored_layers, dg, root_types):
-        g = status.group
-        if status.blocker is None:
-            found.append(replace(g, index=len(found)))
-        elif not any(m.kind in _UNPRUNABLE for m in g.members) and invalid_member(model, g.members):
-            warnings.warn(f"kdprune: the channel group of {g.root!r} is left unpruned: {status.blocker}", stacklevel=2)
-    return found

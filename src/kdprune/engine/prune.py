@@ -11,10 +11,12 @@ from torch import nn
 from torch_pruning import ops
 
 from kdprune.engine.allocate import PruningPlan
+from kdprune.engine.fold import fold_weight_transform
 from kdprune.engine.graph import (ChannelGroup, _member_kind, _member_name, _members, build_graph, stand_in_root,
                                   tp_group)
-from kdprune.engine.links import channel_groups, is_multiplier, link_ties
+from kdprune.engine.links import is_multiplier, link_ties, raw_group_table
 from kdprune.engine.reshape import ChannelReshape
+from kdprune.engine.slices import ChannelSlice
 from kdprune.engine.structure import record_edit, register_edit
 
 __all__ = ["apply_plan", "apply_channel_edits", "prune_channels_edit", "MaskedModelError"]
@@ -53,12 +55,14 @@ def _check_idxs(dg: tp.DependencyGraph, module: nn.Module, root: str, idxs: Sequ
     n = dg.get_pruner_of_module(module).get_out_channels(module)
     if isinstance(module, ChannelReshape):
         n = module.call.after[1]  # a shuffle's output (a linked part): the channels it produces
+    elif isinstance(module, ChannelSlice):
+        n = module.bounds[1] - module.bounds[0]
     if n is None:
         raise ValueError(f"prune_channels: {root!r} ({type(module).__name__}) has no output channels")
     bad = [i for i in idxs if not 0 <= i < n]
     if bad:
         raise ValueError(f"prune_channels: idxs {bad[:5]} out of range for {root!r} with {n} channels")
-    if len(set(idxs)) >= n:
+    if len(set(idxs)) >= n and not isinstance(module, ChannelSlice):  # a slice piece may go whole
         raise ValueError(f"prune_channels: cannot remove all {n} channels of {root!r}")
     return n
 
@@ -109,6 +113,9 @@ def _prune_one(dg: tp.DependencyGraph, model: nn.Module, edit: dict[str, Any], d
         if done is not None and module in done:
             raise ValueError(f"prune_channels: group of {_member_name(dg, dg.module2node[module])!r} was already "
                              "pruned in this plan (two roots of one coupled group)")
+    for _, group, _ in groups:  # weight-standardised convs & co.: cut the conv their forward runs
+        for item in group.items:
+            fold_weight_transform(item.dep.target.module)
     if linked:
         _prune_linked(dg, model, [g for _, g, _ in groups])
     else:
@@ -125,7 +132,7 @@ def _checked_group(dg: tp.DependencyGraph, module: nn.Module, root: str, idxs: l
     touched = set()
     for item in group.items:
         kind = _member_kind(dg, item.dep.target)
-        if kind == "barrier" and not (linked and isinstance(item.dep.target.module, ChannelReshape)):
+        if kind == "barrier" and not (linked and isinstance(item.dep.target.module, (ChannelReshape, ChannelSlice))):
             raise ValueError(f"prune_channels: group of {root!r} flows through a channel barrier "
                              f"({_member_name(dg, item.dep.target)}); it cannot be pruned")
         if dg.is_out_channel_pruning_fn(item.dep.handler):
@@ -209,9 +216,10 @@ def _may_link(m: nn.Module) -> bool:
 
 def _linked_groups(model: nn.Module, x: torch.Tensor, dg: tp.DependencyGraph) -> dict[str, ChannelGroup]:
     """Root -> linked group (those with parts); skipped on models with nothing to link."""
-    if not getattr(dg, "kdprune_shuffles", ()) and not any(map(_may_link, model.modules())):
+    slices = any(isinstance(m, ChannelSlice) for m in getattr(dg, "kdprune_stand_ins", ()))
+    if not getattr(dg, "kdprune_shuffles", ()) and not slices and not any(map(_may_link, model.modules())):
         return {}
-    return {g.root: g for g in channel_groups(model, x, dg=dg) if g.parts}
+    return {s.group.root: s.group for s in raw_group_table(model, x, dg=dg) if s.group.parts and s.blocker is None}
 
 
 @register_edit("prune_channels")

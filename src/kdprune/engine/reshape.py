@@ -21,19 +21,28 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ChannelReshape", "ReshapeCall", "ChannelShuffle", "find_channel_reshapes", "find_channel_shuffles",
-           "routed_forward"]
+from kdprune.engine.slices import SLICERS, ChannelSlice, SliceCall, channel_pieces, slice_call
 
+__all__ = ["ChannelReshape", "ReshapeCall", "ChannelShuffle", "find_channel_reshapes", "find_channel_shuffles",
+           "routed_forward", "trace_channel_ops"]
+
+# transposes that move the channel dim of a feature map (an attention across channels, as ECA's
+# 1-D conv over the pooled channels): barriers too; on the 5-D view inside a channel shuffle they
+# are the shuffle's own data movement, probed by find_channel_shuffles, not channel reshapes
+_TRANSPOSES = frozenset({
+    torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute, torch.Tensor.movedim,
+    torch.movedim, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims, torch.swapdims,
+})
 _RESHAPES = frozenset({
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
     torch.Tensor.unflatten, torch.unflatten, torch.Tensor.view_as, torch.Tensor.reshape_as,
-})
+}) | _TRANSPOSES
 
 
 @dataclass(frozen=True)
@@ -68,28 +77,41 @@ def _is_channel_reshape(func: Any, args: tuple, out: Any) -> bool:
     if func not in _RESHAPES or not args or not isinstance(args[0], torch.Tensor):
         return False
     x = args[0]
+    if func in _TRANSPOSES and x.dim() > 4:
+        return False
     if not isinstance(out, torch.Tensor) or x.dim() < 3 or out.dim() == 2:
         return False  # (batch, features) flattens are DepGraph's own, correctly mapped case
     return out.dim() < 2 or out.shape[1] != x.shape[1]
 
 
 class _Record(TorchFunctionMode):
-    def __init__(self, stack: list[str]) -> None:
+    def __init__(self, stack: list[str], model: nn.Module) -> None:
         super().__init__()
-        self.stack, self.calls = stack, []
+        self.stack, self.model, self.calls = stack, model, []
+        self.slices: list[tuple[SliceCall, nn.Module]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if _is_channel_reshape(func, args, out):
             op = getattr(func, "__name__", str(func))
             self.calls.append(ReshapeCall(self.stack[-1], op, tuple(args[0].shape), tuple(out.shape)))
+        elif func in SLICERS:
+            owner = self.model.get_submodule(self.stack[-1])
+            call = slice_call(func, args, kwargs, out, self.stack[-1], owner)
+            if call is not None:
+                self.slices.append((call, owner))
         return out
 
 
 class _Route(TorchFunctionMode):
-    def __init__(self, stand_ins: nn.ModuleList) -> None:
+    """Sends the k-th channel reshape through ``stand_ins[k]`` and each piece of the j-th channel
+    slice through its ChannelSlice, so that DepGraph sees them as modules."""
+
+    def __init__(self, stand_ins: nn.ModuleList, slices: Sequence[ChannelSlice] = ()) -> None:
         super().__init__()
         self.stand_ins, self.k = stand_ins, 0
+        self.slices, self.j = slices, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,6 +121,14 @@ class _Route(TorchFunctionMode):
                 self.k += 1
                 return self.stand_ins[self.k - 1](func, args, kwargs)  # recomputed under the module
             return out
+        if func in SLICERS and self.j < len(self.slices):
+            out = func(*args, **kwargs)
+            pieces = channel_pieces(func, args, kwargs, out)
+            if pieces is None:
+                return out
+            routed = [self.slices[self.j + p](args[0]) for p in range(len(pieces))]
+            self.j += len(pieces)
+            return routed[0] if isinstance(out, torch.Tensor) else type(out)(routed)
         return func(*args, **kwargs)
 
 
@@ -232,16 +262,25 @@ def _module_stack(model: nn.Module) -> Iterator[list[str]]:
 
 def find_channel_reshapes(model: nn.Module, example_input: torch.Tensor) -> list[ReshapeCall]:
     """Every functional reshape that changes the channel dimension, in call order."""
+    return trace_channel_ops(model, example_input)[0]
+
+
+def trace_channel_ops(model: nn.Module, example_input: torch.Tensor
+                      ) -> tuple[list[ReshapeCall], list[tuple[SliceCall, nn.Module]]]:
+    """Every functional channel reshape and every channel slice (with the module that sliced), in
+    call order: one forward."""
     with torch.no_grad(), _module_stack(model) as stack:
-        mode = _Record(stack)
+        mode = _Record(stack, model)
         with mode:
             model(example_input)
-    return mode.calls
+    return mode.calls, mode.slices
 
 
-def routed_forward(stand_ins: nn.ModuleList) -> Callable[[nn.Module, torch.Tensor], Any]:
-    """A ``forward_fn`` for DepGraph that sends the k-th channel reshape through ``stand_ins[k]``."""
+def routed_forward(stand_ins: nn.ModuleList, slices: Sequence[ChannelSlice] = ()
+                   ) -> Callable[[nn.Module, torch.Tensor], Any]:
+    """A ``forward_fn`` for DepGraph that sends the k-th channel reshape through ``stand_ins[k]``
+    and every channel slice piece through its stand-in."""
     def forward(model: nn.Module, x: torch.Tensor) -> Any:
-        with _Route(stand_ins):
+        with _Route(stand_ins, slices):
             return model(x)
     return forward

@@ -16,7 +16,7 @@ from kdprune.engine.budget import (TOLERANCE, Bisection, BudgetError, BudgetFit,
                                    LatencyError, Refine, Target, fit_budget)
 from kdprune.engine.describe import coverage_summary, describe
 from kdprune.engine.graph import ChannelGroup
-from kdprune.engine.links import channel_groups
+from kdprune.engine.groups import channel_groups
 from kdprune.engine.importance import L1, Criterion, importance_scores
 from kdprune.engine.prune import apply_plan
 from kdprune.engine.widths import (FreeWidths, LegalSteps, MeasuredWidths, RoundTo, WidthPolicy, measured_widths,

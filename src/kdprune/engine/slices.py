@@ -1,0 +1,166 @@
+"""Channel slices written inline in ``forward`` (``torch.split``, ``chunk``, ``narrow``,
+``tensor_split``, ``x[:, a:b]``, uneven sizes included), owned by the engine instead of DepGraph.
+
+DepGraph maps indices through splits by offsets it computes once, which go wrong after other
+channel ops, and it cannot change the bounds the user's code slices with. Here each piece of a
+channel slice is found by a first forward under a ``TorchFunctionMode`` and, while DepGraph traces,
+routed through a parameter-free stand-in (``ChannelSlice``) that the graph treats as a barrier;
+``kdprune.engine.links`` then links the groups on its two sides channel by channel (input channel
+``a + j`` is piece channel ``j``). A slice is only prunable when its bounds follow the pruned
+width: ``chunk`` and a ``split`` into equal parts by shape (the same position is removed from every
+piece, so the parts stay equal), or bounds held in attributes of the module whose forward slices
+(``self.splits``, ``self.width``, ``x[:, :self.oup]``), which the stand-in rewrites as channels
+are removed (its ``kdprune_prune_inputs``), and which the structure log replays on load because
+the rewrite is part of the ``prune_channels`` edit. Bounds written as literals cannot follow: the
+engine's exactness check (``kdprune.engine.verify``) then keeps the group whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SliceCall", "ChannelSlice", "SLICERS", "channel_pieces", "slice_calls"]
+
+SLICERS = frozenset({
+    torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
+    torch.Tensor.tensor_split, torch.tensor_split, torch.Tensor.__getitem__,
+})
+# the slicers whose pieces are equal by construction, computed from the width at run time
+_EQUAL = frozenset({torch.Tensor.chunk, torch.chunk, torch.Tensor.tensor_split, torch.tensor_split})
+
+
+@dataclass(frozen=True)
+class SliceCall:
+    """One channel-slicing call seen in the forward: its pieces ``[a, b)`` of the ``width`` input
+    channels, whether the pieces must stay equal, and the owner attributes holding its bounds."""
+
+    module: str  # innermost module whose forward sliced ("" = the model itself)
+    op: str
+    width: int
+    pieces: tuple[tuple[int, int], ...]
+    equal: bool  # pieces sized by the run-time width (chunk, split by shape): they must stay equal
+    # ("start" | "stop" | "size" | "sizes" | "length", attribute name) bounds read from the owner module
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def describe(self, piece: int) -> str:
+        """A readable label for one piece, used as the stand-in's name."""
+        a, b = self.pieces[piece]
+        where = self.module or "the model's forward"
+        return f"<channel slice in {where}: {self.op} [{a}:{b}] of {self.width}>"
+
+
+def _dim(args: tuple, kwargs: dict, pos: int, default: int, ndim: int) -> int:
+    d = kwargs.get("dim", args[pos] if len(args) > pos else default)
+    return d + ndim if isinstance(d, int) and d < 0 else d
+
+
+def channel_pieces(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[tuple[int, int], ...] | None:
+    """The ``[a, b)`` channel ranges a slicing call returned, or None when it does not slice dim 1."""
+    if func not in SLICERS or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
+        return None
+    x = args[0]
+    if func is torch.Tensor.__getitem__:
+        idx = args[1] if len(args) > 1 else None
+        if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == slice(None) and isinstance(idx[1], slice)
+                and idx[1] != slice(None) and idx[1].step in (None, 1)
+                and all(i == slice(None) or i is Ellipsis for i in idx[2:])):
+            return None
+    elif _dim(args, kwargs, 1 if func in (torch.Tensor.narrow, torch.narrow) else 2, 0, x.dim()) != 1:
+        return None
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    pieces = []
+    for o in outs:
+        if (not isinstance(o, torch.Tensor) or o.dim() != x.dim() or o.shape[0] != x.shape[0]
+                or o.shape[2:] != x.shape[2:] or (o.numel() and o.stride() != x.stride())):
+            return None
+        a = (o.storage_offset() - x.storage_offset()) // x.stride(1) if o.numel() else 0
+        pieces.append((a, a + o.shape[1]))
+    return tuple(pieces)
+
+
+def _sources(func: Any, args: tuple, kwargs: dict, owner: nn.Module | None) -> tuple[tuple[str, str], ...]:
+    """The owner's attributes that hold this call's bounds (matched by value)."""
+    if owner is None:
+        return ()
+    ints = {k: v for k, v in vars(owner).items() if not k.startswith("_") and type(v) is int}
+    lists = {k: v for k, v in vars(owner).items() if not k.startswith("_") and isinstance(v, (list, tuple))
+             and v and all(type(i) is int for i in v)}
+
+    def attr(value: Any) -> str | None:
+        names = [k for k, v in ints.items() if v == value] if type(value) is int and value > 0 else []
+        return names[0] if len(names) == 1 else None
+
+    found: list[tuple[str, str | None]] = []
+    if func is torch.Tensor.__getitem__:
+        s = args[1][1]
+        found = [("start", attr(s.start)), ("stop", attr(s.stop))]
+    elif func in (torch.Tensor.split, torch.split):
+        size = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+        if isinstance(size, (list, tuple)):
+            names = [k for k, v in lists.items() if list(v) == list(size)]
+            found = [("sizes", names[0] if len(names) == 1 else None)]
+        else:
+            found = [("size", attr(size))]
+    elif func in (torch.Tensor.narrow, torch.narrow):
+        found = [("start", attr(args[2] if len(args) > 2 else kwargs.get("start"))),
+                 ("length", attr(args[3] if len(args) > 3 else kwargs.get("length")))]
+    return tuple((role, name) for role, name in found if name is not None)
+
+
+def slice_call(func: Any, args: tuple, kwargs: dict, out: Any, module: str,
+               owner: nn.Module | None) -> SliceCall | None:
+    """The SliceCall a traced call is, or None when it is not a channel slice."""
+    pieces = channel_pieces(func, args, kwargs, out)
+    if pieces is None:
+        return None
+    sources = _sources(func, args, kwargs, owner)
+    by_shape = func in (torch.Tensor.split, torch.split) and not sources and len({b - a for a, b in pieces}) == 1
+    equal = (func in _EQUAL or by_shape or any(r == "size" for r, _ in sources)) and len(pieces) > 1
+    op = getattr(func, "__name__", str(func)).strip("_")
+    return SliceCall(module, op, int(args[0].shape[1]), pieces, equal, sources)
+
+
+class ChannelSlice(nn.Module):
+    """Stand-in for one piece of a channel slice while DepGraph traces (a channel barrier whose
+    two sides the engine links). Removing its input channels rewrites the owner's bound
+    attributes, so that the user's forward slices the pruned width where it sliced the dense one."""
+
+    kdprune_channel_barrier = True
+
+    def __init__(self, call: SliceCall, piece: int, owner: nn.Module | None) -> None:
+        super().__init__()
+        self.call, self.piece = call, piece
+        self._owner = (owner,)  # a tuple: the owner must not become a submodule of the stand-in
+        self.kept = list(range(call.width))  # dense input channels still present, in order
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """This piece's ``[a, b)`` in the current (pruned) numbering of the input."""
+        a, b = self.call.pieces[self.piece]
+        return sum(c < a for c in self.kept), sum(c < b for c in self.kept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.call.pieces[self.piece]
+        return x.narrow(1, a, b - a)
+
+    def kdprune_prune_inputs(self, idxs: list[int]) -> None:
+        """Input channels ``idxs`` (current numbering) were removed: follow them in the owner's bounds."""
+        drop = set(idxs)
+        self.kept = [c for i, c in enumerate(self.kept) if i not in drop]
+        owner = self._owner[0]
+        a, b = self.bounds
+        for role, name in self.call.sources:
+            if role == "sizes":
+                sizes = list(getattr(owner, name))
+                sizes[self.piece] = b - a
+                setattr(owner, name, type(getattr(owner, name))(sizes))
+            else:
+                setattr(owner, name, {"start": a, "stop": b, "size": b - a, "length": b - a}[role])
+
+
+def slice_calls(records: list[tuple[SliceCall, nn.Module | None]]) -> list[ChannelSlice]:
+    """One stand-in per piece of every recorded call, in call order."""
+    return [ChannelSlice(c, p, owner) for c, owner in records for p in range(len(c.pieces))]
