@@ -238,8 +238,8 @@ class Composite(nn.Module):
         self.body = nn.Sequential(
             CSPStage(32), Res2Block(32), MixConv(32), GhostModule(32, 31), conv_bn(31, 32, 3, 2),
             SelectiveKernel(32), ECA(), PartialResBlock(32, 40), conv_bn(40, 48, 1), ShuffleV2Unit(48, 48, 1),
-            DualPathBlock(48, 32, 8), conv_bn(56, 64, 3, 2), CSPStage(64), Res2Block(64, 16), MixConv(64, (16, 16, 32)), CSPStage(64), Res2Block(64, 16),
-            GhostModule(64, 63))
+            DualPathBlock(48, 32, 8), conv_bn(56, 64, 3, 2), CSPStage(64), Res2Block(64, 16),
+            MixConv(64, (16, 16, 32)), CSPStage(64), Res2Block(64, 16), GhostModule(64, 63))
         self.head = _Head(63, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,8 @@ EXPECT = {
     # pruned width; a weight-standardised conv is folded into the plain conv it runs
     "csp": Expect(), "res2net": Expect(), "mixconv": Expect(), "ghost": Expect(), "ws": Expect(),
     # ECA's 1-D conv runs across channels: removing one changes its neighbours' attention (no exact cut)
-    "eca": Expect(flops=False, params=False, whole="coupled to channel barrier <channel reshape in blocks.1: transpose"),
+    "eca": Expect(flops=False, params=False,
+                  whole="coupled to channel barrier <channel reshape in blocks.1: transpose"),
     # SK's attention is viewed as (branch, channel): the view stays a barrier
     "sk": Expect(whole="coupled to channel barrier <channel reshape in blocks.0: view"),
     # out[:, :c] += x writes into a slice in place: DepGraph loses the slice, the trial finds it inexact

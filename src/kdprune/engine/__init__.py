@@ -70,7 +70,8 @@ from kdprune.engine.recalibrate import (Recalibrate, RecalibrationReport, affect
 __all__ = [
     "MODES", "Allocation", "Global", "PruningPlan", "Uniform", "plan_pruning", "round_width", "MinWidth", "WidthFloor",
     "floor_of",
-    "BARRIER_ATTR", "EXACT_OPS", "inexact_groups", "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
+    "BARRIER_ATTR", "EXACT_OPS", "inexact_groups",
+    "ChannelGroup", "Member", "Part", "build_graph", "channel_groups", "group_table", "GroupStatus",
     "classifier_layers",
     "find_barriers", "tp_group", "barrier_pruners", "TRACE_TIMEOUT_S", "TraceTimeout",
     "IMPORTANCE", "L1", "L2", "BNScale", "Criterion", "Random", "Taylor", "importance_scores",

@@ -17,7 +17,7 @@ importance, masks and budgets work on it as on any group; ``apply_plan`` removes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
