@@ -238,7 +238,8 @@ def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:
         _, local = merged.setdefault((m.name, m.role), [m.kind, {}])
         for i, r in zip(m.idxs, m.root_idxs):
             if local.setdefault(i, r) != r:
-                raise ValueError(f"linked groups map channel {i} of {m.name} twice")
+                raise ValueError(f"linked groups map channel {i} of {m.name} twice (an op between them mixes "
+                                 "channels in a way the engine cannot map, e.g. torch.stack across channels)")
     return tuple(Member(name, kind, role, tuple(sorted(local)), tuple(local[i] for i in sorted(local)))
                  for (name, role), (kind, local) in merged.items())
 
@@ -313,7 +314,9 @@ def _compound(model: nn.Module, raws: Sequence[_Raw], idxs: list[int], links: _L
         why = _blocker(model, parts, members, extra, shuffled)
     except ValueError as e:
         members, why = tuple(m for p in parts for m in p.members), str(e)
-    identity = len(idxs) == 1 and all(r == c for r, c in gmap[idxs[0]].items())
+    # a slice linked inside one DepGraph group still needs the linked cut (its stand-in follows the removal)
+    identity = (len(idxs) == 1 and all(r == c for r, c in gmap[idxs[0]].items())
+                and not any(m.name in resolved for m in raws[idxs[0]].members))
     group = ChannelGroup(
         index=-1, root=parts[0].root, dim="out", channels=len(cls), members=members,
         sites=tuple(sorted({s for p in parts for s in p.sites})),

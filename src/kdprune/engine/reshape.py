@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from kdprune.engine.slices import SLICERS, ChannelSlice, SliceCall, channel_pieces, slice_call
+from kdprune.engine.slices import (SLICERS, ChannelSlice, SliceCall, channel_pieces, slice_call, write_call,
+                                   write_rest)
 
 __all__ = ["ChannelReshape", "ReshapeCall", "ChannelShuffle", "find_channel_reshapes", "find_channel_shuffles",
            "routed_forward", "trace_channel_ops"]
@@ -96,9 +97,10 @@ class _Record(TorchFunctionMode):
         if _is_channel_reshape(func, args, out):
             op = getattr(func, "__name__", str(func))
             self.calls.append(ReshapeCall(self.stack[-1], op, tuple(args[0].shape), tuple(out.shape)))
-        elif func in SLICERS:
+        elif func in SLICERS or func is torch.Tensor.__setitem__:
             owner = self.model.get_submodule(self.stack[-1])
-            call = slice_call(func, args, kwargs, out, self.stack[-1], owner)
+            call = (write_call(args, self.stack[-1], owner) if func is torch.Tensor.__setitem__
+                    else slice_call(func, args, kwargs, out, self.stack[-1], owner))
             if call is not None:
                 self.slices.append((call, owner))
         return out
@@ -129,7 +131,19 @@ class _Route(TorchFunctionMode):
             routed = [self.slices[self.j + p](args[0]) for p in range(len(pieces))]
             self.j += len(pieces)
             return routed[0] if isinstance(out, torch.Tensor) else type(out)(routed)
+        if func is torch.Tensor.__setitem__ and self.j < len(self.slices):
+            found = write_rest(args)
+            if found is not None:
+                return self._write(args[0], args[2], found[0][0] == 0)
         return func(*args, **kwargs)
+
+    def _write(self, base: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+        """``base[:, a:b] = value`` traced as ``base <- cat(value, rest of base)`` (or the rest first):
+        DepGraph follows the concat and the rest's stand-in, then couples base's channels one to
+        one with the result through the copy."""
+        rest = self.slices[self.j](base)
+        self.j += 1
+        base.copy_(torch.cat([value, rest] if first else [rest, value], 1))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SliceCall", "ChannelSlice", "SLICERS", "channel_pieces", "slice_calls"]
+__all__ = ["SliceCall", "ChannelSlice", "SLICERS", "channel_pieces", "slice_calls", "write_call", "write_rest"]
 
 SLICERS = frozenset({
     torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
@@ -123,6 +123,40 @@ def slice_call(func: Any, args: tuple, kwargs: dict, out: Any, module: str,
     return SliceCall(module, op, int(args[0].shape[1]), pieces, equal, sources)
 
 
+def write_rest(args: tuple) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """For ``base[:, a:b] = value`` (what ``base[:, :c] += x`` ends in) with the slice at one end of
+    the channels: (the written ``[a, b)``, the rest of ``base``'s channels); None otherwise."""
+    if len(args) < 3 or not isinstance(args[0], torch.Tensor) or not isinstance(args[2], torch.Tensor):
+        return None
+    base, idx, value = args[:3]
+    if base.dim() < 3:
+        return None
+    view = base[idx]
+    pieces = channel_pieces(torch.Tensor.__getitem__, (base, idx), {}, view)
+    if pieces is None or len(pieces) != 1 or value.shape != view.shape:
+        return None
+    (a, b), c = pieces[0], base.shape[1]
+    if a == 0 and 0 < b < c:
+        return (a, b), (b, c)
+    if b == c and 0 < a < c:
+        return (a, b), (0, a)
+    return None
+
+
+def write_call(args: tuple, module: str, owner: nn.Module | None) -> SliceCall | None:
+    """The rest of the channels of an in-place channel-slice write, as a one-piece SliceCall."""
+    found = write_rest(args)
+    if found is None:
+        return None
+    (a, b), rest = found
+    s = args[1][1]
+    bound = s.stop if a == 0 else s.start  # the rest starts where the write stops, or stops where it starts
+    names = [k for k, v in (vars(owner) if owner is not None else {}).items()
+             if not k.startswith("_") and type(v) is int and v == bound and bound is not None]
+    sources = ((("start" if a == 0 else "stop"), names[0]),) if len(names) == 1 else ()
+    return SliceCall(module, "setitem", int(args[0].shape[1]), (rest,), False, sources)
+
+
 class ChannelSlice(nn.Module):
     """Stand-in for one piece of a channel slice while DepGraph traces (a channel barrier whose
     two sides the engine links). Removing its input channels rewrites the owner's bound
@@ -144,7 +178,10 @@ class ChannelSlice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.call.pieces[self.piece]
-        return x.narrow(1, a, b - a)
+        # a copy, not a view: an in-place write into the piece (``out[:, :c] += x``) is traced as
+        # an out-of-place one (see kdprune.engine.reshape._Route), which DepGraph can follow; one
+        # op (index_select), so that no slice of DepGraph's own sits between the input and the stand-in
+        return x.index_select(1, torch.arange(a, b, device=x.device))
 
     def kdprune_prune_inputs(self, idxs: list[int]) -> None:
         """Input channels ``idxs`` (current numbering) were removed: follow them in the owner's bounds."""
