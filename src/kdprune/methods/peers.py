@@ -11,9 +11,10 @@ pruned weights bit for bit, so ``save_pruned``/``load_pruned`` round-trip the pe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -160,11 +161,12 @@ def _fit_and_prune(recipe: Any, model: nn.Module, ctx: CompressContext) -> dict[
     apply: Callable = lambda m, inp, ratio: tp_prune(recipe, m, inp, setup, ratio)  # noqa: E731
 
     def run() -> dict[str, Any]:
-        fit = fit_budget(model, x, target, lambda t: round(t * recipe.max_pruning_ratio, 6), apply=apply,
-                         key=lambda ratio: ratio, limits=f" by {_pruner_type(recipe).__name__} under "
-                         f"max_pruning_ratio={recipe.max_pruning_ratio}", advice=" (torch-pruning's ratio steps "
-                         "are too coarse here); try mode=Global() or another target")
-        edits = tp_prune(recipe, model, x, setup, fit.best.candidate)
+        with _peer_errors(recipe, model, "prune"):
+            fit = fit_budget(model, x, target, lambda t: round(t * recipe.max_pruning_ratio, 6), apply=apply,
+                             key=lambda ratio: ratio, limits=f" by {_pruner_type(recipe).__name__} under "
+                             f"max_pruning_ratio={recipe.max_pruning_ratio}", advice=" (torch-pruning's ratio "
+                             "steps are too coarse here); try mode=Global() or another target")
+            edits = tp_prune(recipe, model, x, setup, fit.best.candidate)
         _check_replay(reference, model, edits, x)
         return {"prune": _prune_info(recipe, target, fit, edits), **latency_info(fit.latency)}
 
@@ -198,12 +200,22 @@ def _check_regularize(recipe: Any, model: nn.Module, x: torch.Tensor, setup: Pee
     probe = copy.deepcopy(model)
     for p in probe.parameters():
         p.grad = torch.zeros_like(p)
-    try:
+    with _peer_errors(recipe, model, "regularise"):
         _make_pruner(recipe, probe, x, setup, 0.5).regularize(probe)
-    except (IndexError, RuntimeError, KeyError) as e:
-        raise ValueError(f"torch-pruning {tp.__version__}'s {_pruner_type(recipe).__name__} cannot regularise "
-                         f"{type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0]}; it fails on grouped, "
-                         "non-depthwise convs); use kdprune's own --method groupnorm instead") from None
+
+
+@contextlib.contextmanager
+def _peer_errors(recipe: Any, model: nn.Module, verb: str) -> Iterator[None]:
+    """The peer library's own failures (an IndexError on grouped, non-depthwise convs or on channel
+    slices, issues 31/34) as a one-line error naming the way out."""
+    try:
+        yield
+    except (IndexError, RuntimeError, KeyError, ZeroDivisionError) as e:
+        ours, theirs = ("groupnorm", "GroupNormPruner") if isinstance(recipe, TPGroupNorm) else ("l1", "MagnitudePruner")
+        raise ValueError(f"torch-pruning {tp.__version__}'s {theirs} cannot {verb} "
+                         f"{type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:120]}; it fails on "
+                         f"grouped, non-depthwise convs and on channel slices); use kdprune's own --method {ours} "
+                         "instead") from None
 
 
 def _finetune(model: nn.Module, recipe: PruneRecipe, ctx: CompressContext) -> list[dict]:
