@@ -2,7 +2,7 @@
 
     python benchmarks/tp_constructs.py
 
-For each architecture of tests/engine/constructs.py (plus our option-A ResNet-20) and each target
+For each architecture of tests/engine/constructs.py and constructs_split.py (plus our option-A ResNet-20) and each target
 (50% of FLOPs, 25% of params kept), each tool prunes to the target: kdprune with
 ``prune_to_target`` (L1, uniform), torch-pruning 1.6 with ``MagnitudePruner`` (L1, local), its
 ``pruning_ratio`` bisected to the target (its own API has no FLOPs target). Each run is a separate
@@ -26,7 +26,9 @@ from pathlib import Path
 from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("resnext", "regnet", "shufflev1", "shufflev2", "dualpath", "separable", "resnet20a")
+NAMES = ("resnext", "regnet", "shufflev1", "shufflev2", "dualpath", "separable", "resnet20a",
+         # issue 31 (tests/engine/constructs_split.py)
+         "csp", "res2net", "mixconv", "ghost", "sk", "ws", "eca", "partialres", "composite")
 TARGETS = (("flops", 0.5), ("params", 0.25))
 
 _CHILD = r'''
