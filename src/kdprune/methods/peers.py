@@ -211,7 +211,8 @@ def _peer_errors(recipe: Any, model: nn.Module, verb: str) -> Iterator[None]:
     try:
         yield
     except (IndexError, RuntimeError, KeyError, ZeroDivisionError) as e:
-        ours, theirs = ("groupnorm", "GroupNormPruner") if isinstance(recipe, TPGroupNorm) else ("l1", "MagnitudePruner")
+        group_norm = isinstance(recipe, TPGroupNorm)
+        ours, theirs = ("groupnorm", "GroupNormPruner") if group_norm else ("l1", "MagnitudePruner")
         raise ValueError(f"torch-pruning {tp.__version__}'s {theirs} cannot {verb} "
                          f"{type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:120]}; it fails on "
                          f"grouped, non-depthwise convs and on channel slices); use kdprune's own --method {ours} "
