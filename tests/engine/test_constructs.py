@@ -67,9 +67,8 @@ EXPECT = {
     # issue 31: splits and slices by attribute (self.half, self.width, self.splits, self.oup) follow the
     # pruned width; a weight-standardised conv is folded into the plain conv it runs
     "csp": Expect(), "res2net": Expect(), "mixconv": Expect(), "ghost": Expect(), "ws": Expect(),
-    # ECA's 1-D conv runs across channels: removing one changes its neighbours' attention (no exact cut)
-    "eca": Expect(flops=False, params=False,
-                  whole="coupled to channel barrier <channel reshape in blocks.1: transpose"),
+    # ECA's 1-D conv runs across channels: its transposes are linked, the conv pads removed positions
+    "eca": Expect(),
     # SK's attention is viewed as (branch, channel): the view stays a barrier
     "sk": Expect(whole="coupled to channel barrier <channel reshape in blocks.0: view"),
     # out[:, :c] += x writes into a slice in place: traced as out <- cat(out[:, :c] + x, out[:, c:])
@@ -254,3 +253,26 @@ def test_pruned_constructs_reload_bit_exactly_in_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=300,
                    cwd=ROOT)
 
+
+
+def _exports_with_parity(name: str, tmp_path: Path) -> None:
+    import kdprune as kp
+
+    for mod in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(mod)
+    model = _model(name)
+    prune_to_target(model, X, Target(flops=0.5))
+    for fmt in (kp.ExportFormat.ONNX, kp.ExportFormat.TORCHSCRIPT):
+        res = kp.export(model, tmp_path / f"{name}.{fmt.name.lower()}", fmt, example_input=X, tolerance=1e-4)
+        assert res.parity.passed, (name, fmt)
+
+
+def test_the_pruned_composite_exports_with_parity(tmp_path):
+    """Rewritten slice bounds, padded ECA positions and folded convs all survive ONNX and TorchScript."""
+    _exports_with_parity("composite", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n, e in EXPECT.items() if e.flops))
+def test_every_pruned_construct_exports_with_parity(name, tmp_path):
+    _exports_with_parity(name, tmp_path)

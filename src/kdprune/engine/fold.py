@@ -28,7 +28,8 @@ _CALLS = frozenset({F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, to
 def transforms_weight(module: nn.Module) -> bool:
     """A conv/linear subclass with a forward of its own (it may transform its weight)."""
     base = _plain_base(module)
-    return base is not None and type(module) is not base and type(module).forward is not base.forward
+    return (base is not None and type(module) is not base and type(module).forward is not base.forward
+            and not getattr(module, "kdprune_no_fold", False))
 
 
 def _plain_base(module: nn.Module) -> type | None:

@@ -18,7 +18,9 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner import function as tpf
 
-from kdprune.engine.reshape import ChannelReshape, find_channel_shuffles, routed_forward, trace_channel_ops
+from kdprune.engine.positional import pad_positions, positional_pairs
+from kdprune.engine.reshape import (ChannelReshape, ChannelShuffle, find_channel_shuffles, routed_forward,
+                                    trace_channel_ops)
 from kdprune.engine.slices import ChannelSlice, slice_calls
 
 __all__ = [
@@ -132,17 +134,26 @@ class _BarrierPruner(tpf.BasePruningFunc):
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         if is_placer(layer) or isinstance(layer, ChannelSlice):
             layer.kdprune_prune_inputs(sorted(int(i) for i in idxs))
+        elif getattr(layer, "positional", None):  # ECA's channel vector loses positions
+            conv, width = layer.positional
+            pad_positions(conv, sorted(int(i) for i in idxs), width)
         return layer
 
+    # Real widths where a stand-in knows them: DepGraph infers a flatten's input width through
+    # whatever input it finds first, and an unknown width there maps indices by a wrong ratio.
     def get_out_channels(self, layer: nn.Module) -> int | None:
         if isinstance(layer, ChannelSlice):
             a, b = layer.bounds
             return b - a
+        if isinstance(layer, ChannelReshape) and len(layer.call.after) > 1:
+            return layer.call.after[1]
         return layer.kdprune_channels()[1] if is_placer(layer) else None
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
         if isinstance(layer, ChannelSlice):
             return len(layer.kept)
+        if isinstance(layer, ChannelReshape):
+            return layer.call.before[1]
         return layer.kdprune_channels()[0] if is_placer(layer) else None
 
 
@@ -218,9 +229,14 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         with _masks_disabled(model):
             calls, sliced = trace_channel_ops(model, example_input)
             shuffles = find_channel_shuffles(model, example_input, calls)
+            taken = {s.first for s in shuffles} | {s.first + 1 for s in shuffles}
+            pairs = positional_pairs(model, calls, taken)
     finally:
         model.train(was_training)
     reshapes, slices = [ChannelReshape(c) for c in calls], slice_calls(sliced)
+    for k, conv in pairs:  # ECA: linked as a shuffle that keeps every channel in place; see positional.py
+        shuffles.append(ChannelShuffle(k, 1, tuple(range(calls[k].before[1]))))
+        reshapes[k].positional = (model.get_submodule(conv), calls[k].before[1])
     stand_ins = nn.ModuleList(reshapes + slices)
     classes |= {type(m) for m in stand_ins}
     if stand_ins:

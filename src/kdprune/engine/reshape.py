@@ -54,6 +54,7 @@ class ReshapeCall:
     op: str
     before: tuple[int, ...]
     after: tuple[int, ...]
+    since: tuple[str, ...] = ()  # other modules that ran torch ops since the previous channel reshape
 
     def describe(self) -> str:
         """A readable label, used as the barrier's name."""
@@ -69,6 +70,9 @@ class ChannelReshape(nn.Module):
     def __init__(self, call: ReshapeCall) -> None:
         super().__init__()
         self.call = call
+        # (the 1-D conv, the vector's width) when this reshape moves a channel vector into the
+        # length axis of a positional conv (ECA, see kdprune.engine.positional)
+        self.positional: tuple[nn.Module, int] | None = None
 
     def forward(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return fn(*args, **kwargs)
@@ -90,14 +94,19 @@ class _Record(TorchFunctionMode):
         super().__init__()
         self.stack, self.model, self.calls = stack, model, []
         self.slices: list[tuple[SliceCall, nn.Module]] = []
+        self.seen: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if _is_channel_reshape(func, args, out):
             op = getattr(func, "__name__", str(func))
-            self.calls.append(ReshapeCall(self.stack[-1], op, tuple(args[0].shape), tuple(out.shape)))
-        elif func in SLICERS or func is torch.Tensor.__setitem__:
+            since = tuple(sorted(self.seen - {self.stack[-1]}))
+            self.calls.append(ReshapeCall(self.stack[-1], op, tuple(args[0].shape), tuple(out.shape), since))
+            self.seen = set()
+            return out
+        self.seen.add(self.stack[-1])
+        if func in SLICERS or func is torch.Tensor.__setitem__:
             owner = self.model.get_submodule(self.stack[-1])
             call = (write_call(args, self.stack[-1], owner) if func is torch.Tensor.__setitem__
                     else slice_call(func, args, kwargs, out, self.stack[-1], owner))
