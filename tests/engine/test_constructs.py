@@ -69,12 +69,12 @@ EXPECT = {
     "csp": Expect(), "res2net": Expect(), "mixconv": Expect(), "ghost": Expect(), "ws": Expect(),
     # ECA's 1-D conv runs across channels: its transposes are linked, the conv pads removed positions
     "eca": Expect(),
-    # SK's attention is viewed as (branch, channel): the view stays a barrier
-    "sk": Expect(whole="coupled to channel barrier <channel reshape in blocks.0: view"),
+    # SK: branches stacked along dim 1, attention viewed as (branch, channel), reduced back: one channel c
+    "sk": Expect(),
     # out[:, :c] += x writes into a slice in place: traced as out <- cat(out[:, :c] + x, out[:, c:])
     "partialres": Expect(),
     # every construct above in one net of about 50 convs
-    "composite": Expect(whole="coupled to channel barrier <channel"),
+    "composite": Expect(),
     # the channel-multiplier conv drops whole conv groups: its inputs and outputs are one linked group
     "separable": Expect(),
     # grouped 1x1 convs over a concat: the concat's groups are linked; the shuffle maps channels

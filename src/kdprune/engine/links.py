@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
+from kdprune.engine.reshape import ChannelReshape
 from kdprune.engine.slices import ChannelSlice
 from kdprune.engine.graph import (
     _UNPRUNABLE, RESHAPE_ROOT, ChannelGroup, Member, Part, _gconv_period, _member_name, _members, _sites,
@@ -111,6 +112,8 @@ def _shuffle_outputs(model: nn.Module, dg: tp.DependencyGraph, found: Sequence[_
     outputs = [(s.first + 1, len(s.perm)) for _, _, s in getattr(dg, "kdprune_shuffles", ())]
     outputs += [(k, m.call.pieces[m.piece][1] - m.call.pieces[m.piece][0]) for k, m in enumerate(stand_ins)
                 if isinstance(m, ChannelSlice) and m in dg.module2node]
+    outputs += [(k, m.call.after[1]) for k, m in enumerate(stand_ins)
+                if isinstance(m, ChannelReshape) and m.call.op in _EXITS and m in dg.module2node]
     out = []
     for k, c in outputs:
         stand_in = stand_ins[k]
@@ -159,6 +162,7 @@ def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph) -> _Li
     for v_name, r_name, shuffle in getattr(dg, "kdprune_shuffles", ()):
         _link_shuffle(links, raws, dg, v_name, r_name, shuffle)
     _link_slices(links, raws, dg)
+    _link_stacks(links, raws, dg)
     for name, mod in model.named_modules():
         if is_multiplier(mod):
             _link_multiplier(links, raws, name, mod)
@@ -217,6 +221,53 @@ def _link_slices(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph) ->
             n = call.pieces[0][1] - call.pieces[0][0]
             links.ties += [[x_in[a + j] for a, _ in call.pieces] for j in range(n)]
         links.resolved |= set(names)
+
+
+_EXITS = ("sum", "mean")
+_VIEWS = ("view", "reshape", "unflatten", "view_as", "reshape_as")
+
+
+def _stacked_regions(dg: tp.DependencyGraph) -> list[tuple[list, list, list]]:
+    """Per module that stacks feature maps along dim 1 (selective kernel): (its stacks, the
+    reductions over the stacked axis, the views of an ``n * C`` channel vector as ``(n, C)``)."""
+    by_module: dict[str, list] = {}
+    for m in getattr(dg, "kdprune_stand_ins", ()):
+        if isinstance(m, ChannelReshape) and m in dg.module2node:
+            by_module.setdefault(m.call.module, []).append(m)
+    found = []
+    for ms in by_module.values():
+        stacks = [m for m in ms if m.call.op == "stack"]
+        if not stacks:
+            continue
+        n, c = stacks[0].call.after[1], stacks[0].call.after[2]
+        exits = [m for m in ms if m.call.op in _EXITS and tuple(m.call.before[1:3]) == (n, c)]
+        views = [m for m in ms if m.call.op in _VIEWS and len(m.call.after) >= 3 and m.call.before[1] == n * c
+                 and tuple(m.call.after[1:3]) == (n, c)]
+        if exits and all(tuple(m.call.after[1:3]) == (n, c) for m in stacks):
+            found.append((stacks, exits, views))
+    return found
+
+
+def _link_stacks(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph) -> None:
+    """Feature maps stacked along dim 1, mixed only along that axis, and reduced back: channel c
+    of every stacked map, of every reduction and channels ``i * C + c`` of a viewed attention
+    vector are one channel (the channel axis is dim 2 in between, which DepGraph cannot follow)."""
+    for stacks, exits, views in _stacked_regions(dg):
+        c = stacks[0].call.after[2]
+        outs = [_channel_owners(raws, dg._module2name[m], "out") for m in exits]
+        if any(len(o) != c for o in outs):
+            continue
+        anchor = outs[0]
+        pairs = [(owner, anchor[l]) for o in outs[1:] for l, owner in o.items()]
+        for m in stacks:
+            pairs += [((g, r), anchor[l]) for g, mem in _locate(raws, dg._module2name[m], "in")
+                      for l, r in zip(mem.idxs, mem.root_idxs)]
+        for m in views:
+            pairs += [(owner, anchor[l % c]) for l, owner in _channel_owners(raws, dg._module2name[m], "in").items()]
+        for a, b in pairs:
+            links.chans.union(a, b)
+            links.comps.union(a[0], b[0])
+        links.resolved |= {dg._module2name[m] for m in stacks + exits + views}
 
 
 def _link_multiplier(links: _Links, raws: Sequence[_Raw], name: str, mod: nn.Module) -> None:

@@ -216,8 +216,7 @@ def _may_link(m: nn.Module) -> bool:
 
 def _linked_groups(model: nn.Module, x: torch.Tensor, dg: tp.DependencyGraph) -> dict[str, ChannelGroup]:
     """Root -> linked group (those with parts); skipped on models with nothing to link."""
-    slices = any(isinstance(m, ChannelSlice) for m in getattr(dg, "kdprune_stand_ins", ()))
-    if not getattr(dg, "kdprune_shuffles", ()) and not slices and not any(map(_may_link, model.modules())):
+    if not getattr(dg, "kdprune_stand_ins", ()) and not any(map(_may_link, model.modules())):
         return {}
     return {s.group.root: s.group for s in raw_group_table(model, x, dg=dg) if s.group.parts and s.blocker is None}
 

@@ -40,10 +40,14 @@ _TRANSPOSES = frozenset({
     torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute, torch.Tensor.movedim,
     torch.movedim, torch.Tensor.swapaxes, torch.swapaxes, torch.Tensor.swapdims, torch.swapdims,
 })
+# a stack of feature maps along dim 1 (selective-kernel branches) and a reduction over that axis
+# back to a feature map: the channel axis moves to dim 2 and back (linked in engine/links.py)
+_STACKS = frozenset({torch.stack})
+_REDUCTIONS = frozenset({torch.Tensor.sum, torch.sum, torch.Tensor.mean, torch.mean})
 _RESHAPES = frozenset({
     torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
     torch.Tensor.unflatten, torch.unflatten, torch.Tensor.view_as, torch.Tensor.reshape_as,
-}) | _TRANSPOSES
+}) | _TRANSPOSES | _STACKS | _REDUCTIONS
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,23 @@ class ChannelReshape(nn.Module):
         return fn(*args, **kwargs)
 
 
-def _is_channel_reshape(func: Any, args: tuple, out: Any) -> bool:
+def _stack_or_reduction(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
+    """``torch.stack(maps, 1)`` of equal 4-D maps, or a sum/mean over dim 1 of a 5-D tensor."""
+    if not isinstance(out, torch.Tensor):
+        return False
+    if func in _STACKS:
+        xs, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        return (isinstance(xs, (list, tuple)) and len(xs) > 1 and dim == 1
+                and all(isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape == xs[0].shape for x in xs))
+    x, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    return (isinstance(x, torch.Tensor) and x.dim() == 5 and dim in (1, (1,), [1]) and not keep
+            and out.dim() == 4)
+
+
+def _is_channel_reshape(func: Any, args: tuple, out: Any, kwargs: dict | None = None) -> bool:
+    if func in _STACKS or func in _REDUCTIONS:
+        return bool(args) and _stack_or_reduction(func, args, kwargs or {}, out)
     if func not in _RESHAPES or not args or not isinstance(args[0], torch.Tensor):
         return False
     x = args[0]
@@ -99,10 +119,11 @@ class _Record(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _is_channel_reshape(func, args, out):
+        if _is_channel_reshape(func, args, out, kwargs):
             op = getattr(func, "__name__", str(func))
             since = tuple(sorted(self.seen - {self.stack[-1]}))
-            self.calls.append(ReshapeCall(self.stack[-1], op, tuple(args[0].shape), tuple(out.shape), since))
+            first = args[0][0] if func in _STACKS else args[0]
+            self.calls.append(ReshapeCall(self.stack[-1], op, tuple(first.shape), tuple(out.shape), since))
             self.seen = set()
             return out
         self.seen.add(self.stack[-1])
@@ -128,7 +149,7 @@ class _Route(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _RESHAPES and self.k < len(self.stand_ins):
             out = func(*args, **kwargs)
-            if _is_channel_reshape(func, args, out):
+            if _is_channel_reshape(func, args, out, kwargs):
                 self.k += 1
                 return self.stand_ins[self.k - 1](func, args, kwargs)  # recomputed under the module
             return out
@@ -181,7 +202,7 @@ class _Probe(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func not in _RESHAPES or not _is_channel_reshape(func, args, out):
+        if func not in _RESHAPES or not _is_channel_reshape(func, args, out, kwargs):
             return out
         k, self.k = self.k, self.k + 1
         if k in self.pairs:
@@ -221,9 +242,10 @@ def _as_shuffle(first: int, x: torch.Tensor, y_probe: torch.Tensor,
 def find_channel_shuffles(model: nn.Module, example_input: torch.Tensor,
                           calls: list[ReshapeCall]) -> list[ChannelShuffle]:
     """The channel shuffles among ``calls`` (see ChannelShuffle): two probing forwards."""
+    moves = {c.op for c in calls} - {"stack", "sum", "mean"}  # a shuffle only moves data
     pairs = {k: k + 1 for k in range(len(calls) - 1)
              if calls[k].module == calls[k + 1].module and calls[k].before == calls[k + 1].after
-             and len(calls[k].before) >= 3}
+             and len(calls[k].before) >= 3 and calls[k].op in moves and calls[k + 1].op in moves}
     if not pairs:
         return []
     with torch.no_grad():
@@ -254,7 +276,7 @@ class _RealTensors(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _RESHAPES and _is_channel_reshape(func, args, out):
+        if func in _RESHAPES and _is_channel_reshape(func, args, out, kwargs):
             if self.k in self.pairs:
                 self.ins[self.k] = args[0].detach().clone()
             if self.k in self.pairs.values():
