@@ -34,12 +34,13 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return train, val, kp.load_pruned(args.base / "model")
 
 
-def run_recipe(recipe: Any, base: Any, train: Any, val: Any, out: Path) -> tuple[dict, Any]:
-    """Compress (resuming a killed run, reusing a finished one); returns (report, model)."""
+def run_recipe(recipe: Any, base: Any, train: Any, val: Any, out: Path, test: Any = None) -> tuple[dict, Any]:
+    """Compress (resuming a killed run, reusing a finished one); returns (report, model). ``test``: a
+    held-apart set the report scores on (``val`` then only makes the run's choices)."""
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text()), kp.load_pruned(out / "model")
     try:
-        res = kp.compress(base, recipe, train, val, out_dir=out, resume=True, latency=False)
+        res = kp.compress(base, recipe, train, val, out_dir=out, resume=True, latency=False, test=test)
     except ValueError as e:  # e.g. a round_to grid that cannot meet the target within 1%
         return {"error": str(e)}, None
     return res.report, res.model

@@ -7,9 +7,10 @@
     wait; python benchmarks/oed_fmnist.py --report        # when the machine is quiet: latency + table
 
 From the shipped base ``pretrained:resnet20-fmnist`` (option A, 9 residual blocks), on
-``--train-images`` stratified training images; the test set is only reported. OED holds out
-``select_val`` of those images for its best replica, and lam is chosen by the **held-out** top-1 of
-the final pruned model (the same split), never the test set. The baselines prune channels to the
+``--train-images`` stratified training images, of which 5,000 are the validation split every run
+makes its choices on (OED's best replica; since OED recipe v3 it carves nothing itself); the test
+set is only reported. lam is chosen by the validation top-1 of the final pruned model, never the
+test set. The baselines prune channels to the
 same FLOPs target and fine-tune for the same epochs (equal epochs), or for as many epochs as fit in
 OED's wall time (equal wall). Each finished run appends one line to
 benchmarks/results/oed_fmnist_runs.jsonl at once (runs/ does not outlive a session).
@@ -99,11 +100,13 @@ def _line(args: argparse.Namespace, tag: str, rep: dict, held, model) -> dict:
 
 def run_part(args: argparse.Namespace, part: str, base, train, test) -> None:
     """Every run of one part (resumable, skipped when its line is committed)."""
-    held = train.split(5000, seed=args.seed)[1]  # OED's own held-out split (OED.select_val, same seed)
+    # the validation split every run makes its choices on (OED's replica since recipe v3; the test set
+    # is only reported); runs committed before v3 held out OED's own 5,000 of the same images
+    rest, held = train.split(5000, seed=args.seed)
     for tag, recipe in grid(args, part).items():
         if _lines(tag):
             continue
-        rep, model = run_recipe(recipe, base, train, test, args.runs / tag)
+        rep, model = run_recipe(recipe, base, rest, held, args.runs / tag, test=test)
         if "after" not in rep:
             print("failed:", tag, rep, flush=True)
             continue

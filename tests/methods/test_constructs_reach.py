@@ -24,10 +24,9 @@ TINY = kp.TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, augment=Fa
 TARGET = 0.5  # of FLOPs, what L1Finetune meets (asserted)
 # Only where a method's own steps cannot land on 0.5 (say which, and why):
 OVERRIDES = {"kesi": {"rounds": 2}, "pfec": {"rounds": 2}, "cascade": {"assistants": 0},
-             "oed": {"select_val": 8, "lam": 0.0}}
+             "oed": {"select_val": 8, "lam": 0.0}}  # OED: residual blocks to the nearest fraction above, then channels
 # Methods that refuse this net, and the words of their one-line reason:
 REFUSED = {
-    "oed": "whole blocks",  # OED removes whole residual blocks only; the Res2Net blocks do not reach 0.5
     "tp-magnitude": "on channel slices",  # torch-pruning's own index maps fail on the slices
     "tp-groupnorm": "on channel slices",
 }

@@ -1,7 +1,8 @@
 """OED: the online ensemble at init equals the pretrained model, the loss terms are what the
 notes say (teacher learns from labels only), zero masks become removed blocks, a target lands
-within 1%, the best replica is picked on held-out training images, kill + resume equals an
-uninterrupted run, and an OED result is a valid input to SDAP and KESI."""
+within 1% (by blocks, or by blocks then channels between block counts), the best replica is picked
+on the run's validation images (none carved from the training set), the replicas see their own
+views, kill + resume equals an uninterrupted run, and an OED result is a valid input to SDAP and KESI."""
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import kdprune as kp
 from kdprune.cli.recipe_flags import methods
+from kdprune.data.transforms import Augment
 from kdprune.distill import kd_loss
 from kdprune.engine import mask_sites
 from kdprune.methods.oed import OED, OEDNet, OEDTask, finish
@@ -94,11 +96,24 @@ def test_finish_keeps_the_best_held_out_replica_and_removes_its_zero_mask_blocks
         torch.testing.assert_close(pruned.eval()(x), masked, rtol=1e-5, atol=1e-5)  # folded + removed
 
 
-def test_lam_drives_masks_to_zero_on_held_out_training_images(toy_data):
+def test_lam_drives_masks_to_zero_and_the_replica_is_picked_on_validation_images(toy_data, monkeypatch):
+    from kdprune.training import loop
+
     train, val = toy_data
+    seen = []
+    real = loop.train
+
+    def spy(model, train_set, *a, **k):
+        seen.append(len(train_set))
+        return real(model, train_set, *a, **k)
+
+    monkeypatch.setattr(kp.methods.oed, "train", spy)
     res = kp.compress(_resnet(), OED(replicas=2, lam=6.0, finetune=CYCLE, select_val=20), train, val, latency=False)
     info = res.report["method"]
-    assert info["held_out"] == 20 and len(info["replica_val_top1"]) == 2  # carved from train, not val
+    assert info["held_out"] == 20 and len(info["replica_val_top1"]) == 2  # 20 of the 32 validation images
+    assert seen == [len(train)]  # every training image trains: none carved out (issue 30)
+    with pytest.raises(ValueError, match="validation set"):
+        kp.compress(_resnet(), OED(replicas=2, finetune=CYCLE), train, None, latency=False)
     zero = [b for b, v in zip(mask_sites(_resnet(), X), info["masks"][info["selected_replica"]]) if v == 0.0]
     assert zero and info["removed_blocks"] == zero  # lam alone: exactly the zero-mask blocks
     assert res.report["after"]["params"] < res.report["before"]["params"]
@@ -190,15 +205,35 @@ def test_a_target_commits_blocks_during_the_cycle_and_removes_exactly_them(toy_d
     assert info["zero_mask_blocks"] == len(info["removed_blocks"])  # zero during the cycle: nothing cut live
 
 
-def test_a_target_between_block_counts_fails_before_training_naming_the_reachable_ones(toy_data, monkeypatch):
+def test_blocks_only_refuses_a_target_between_block_counts_before_training(toy_data, monkeypatch):
     from kdprune.training import loop
 
     train, val = toy_data
     monkeypatch.setattr(loop, "_run_epochs", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ValueError, match=r"no set of whole blocks keeps 0.5 of the flops .* nearest reachable "
                                          r"fractions are 0\.\d+, 0\.\d+"):
-        kp.compress(_resnet(), OED(replicas=2, target_flops=0.5, finetune=CYCLE, select_val=20), train, val,
-                    latency=False)
+        kp.compress(_resnet(), OED(replicas=2, target_flops=0.5, width=False, finetune=CYCLE, select_val=20), train,
+                    val, latency=False)
+
+
+@pytest.mark.parametrize("target", [{"target_flops": 0.5}, {"target_flops": 0.62}])
+def test_a_target_between_block_counts_is_met_by_depth_then_width(toy_data, target, tmp_path):
+    """Whole blocks of this ResNet-20 keep 0.473 or 0.532 of its FLOPs: blocks go to the nearest
+    fraction above 0.5, channels (KD from the ensemble) do the rest, and the report splits the two."""
+    train, val = toy_data
+    trim = kp.TrainConfig(epochs=1, batch_size=32, progress=False)
+    res = kp.compress(_resnet(), OED(replicas=2, lam=0.0, finetune=CYCLE, trim=trim, select_val=20, **target),
+                      train, val, out_dir=tmp_path, latency=False)
+    (metric, goal), = ((k.removeprefix("target_"), v) for k, v in target.items())
+    kept = res.report["after"][metric] / res.report["before"][metric]
+    split = res.report["method"]["depth_width"]
+    assert abs(kept - goal) <= 0.01 and abs(split["kept"] - kept) < 1e-6
+    assert res.report["method"]["removed_blocks"] and split["channels_removed"] > 0
+    assert split["kept_by_blocks"] > goal and abs(split["kept_by_blocks"] * split["kept_by_channels"] - kept) < 1e-6
+    assert res.report["method"]["trim"] and (tmp_path / "trim").is_dir()
+    loaded = kp.load_pruned(tmp_path / "model", factory=_resnet)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.eval()(x), res.model.eval()(x))
 
 
 class _Block(torch.nn.Module):
@@ -272,3 +307,69 @@ def test_a_judged_commit_reaches_the_target_and_reports_its_scores(toy_data):
     scores = info["adaptive_bn"][k]
     best = max(scores, key=lambda s: s["top1"])  # the first of equal scores: the least-mask set
     assert len(scores) == 3 and info["committed_blocks"][k] == best["blocks"]
+
+
+def test_replicas_see_their_own_views_and_weights_in_the_same_step():
+    """With views, replica 1's input differs from replica 0's (the batch itself) in the same step; the
+    ensemble at evaluation still reads one batch; the twin without views feeds both the same tensor."""
+    net = OEDNet(_resnet(), mask_sites(_resnet(), X), replicas=2, gated=False).train()
+    seen: list = []
+    hooks = [r.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for r in net.replicas]
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    torch.manual_seed(0)
+    OEDTask(views=Augment(pad=1, hflip=True), bagging=True)(net, x, y)
+    assert torch.equal(seen[0], x) and not torch.equal(seen[1], x) and seen[1].shape == x.shape
+    seen.clear()
+    OEDTask(views=None, bagging=False)(net, x, y)
+    assert torch.equal(seen[0], seen[1])
+    seen.clear()
+    net.eval()
+    OEDTask(views=Augment(pad=1, hflip=True))(net, x, y)
+    assert torch.equal(seen[0], seen[1])  # evaluation: every replica on the batch itself
+    for h in hooks:
+        h.remove()
+
+
+def test_fista_decides_grows_lam_until_its_zeros_fit_revives_an_overshoot_and_holds_them():
+    """The mechanism of issue 30's 'FISTA decides': lam grows while the zero masks keep too much; a
+    step that zeroes too many revives its newest zeros (largest previous mask first); the set that
+    fits is held at zero and the rest stop shrinking; no least-mask commit is involved."""
+    from kdprune.methods.oed import FistaDecides
+    from kdprune.training.prox import FistaL1
+    masks = torch.nn.Parameter(torch.tensor([[0.9, 0.2, 0.8, 0.3]]))
+    costs = {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}
+    fista = FistaL1([masks], lam=0.5)
+    cb = FistaDecides(fista, masks, costs, goal=0.5, low=0.49, commit_at=0.9, ramp=0.05)
+    cb.on_optimizer_step(_commit_state(1))  # nothing zero yet: lam grows (x10 per tenth of 20 steps)
+    assert cb.chosen == [None] and float(fista.lams[0][0, 0]) == pytest.approx(0.5 * 10 ** 0.5)
+    masks.data = torch.tensor([[0.9, 0.0, 0.0, 0.0]])  # one step zeroed b, c and d: keeps 25% < 49%
+    cb.on_optimizer_step(_commit_state(2))
+    assert cb.chosen == [["b", "d"]]  # c (0.8 before) revived, then b and d fit exactly
+    assert masks[0, 2].item() == pytest.approx(0.8) and torch.equal(fista.lams[0], torch.zeros(1, 4))
+    masks.data[0, 1] = 0.4  # whatever FISTA proposes, the decided blocks stay at zero
+    cb.on_optimizer_step(_commit_state(3))
+    assert masks[0, 1].item() == 0.0 and cb.fallback == [False]
+    fresh = FistaDecides(FistaL1([masks], 0.5), masks, costs, 0.5, 0.49, 0.9, 0.05)
+    fresh.load_state_dict(cb.state_dict())
+    assert fresh.chosen == cb.chosen and torch.equal(fresh.prev, cb.prev) and torch.equal(fresh.lam, cb.lam)
+
+
+def test_fista_falls_back_to_the_least_mask_commit_at_the_deadline_and_says_so():
+    from kdprune.methods.oed import FistaDecides
+    from kdprune.training.prox import FistaL1
+    masks = torch.nn.Parameter(torch.tensor([[0.9, 0.2, 0.8, 0.3]]))
+    fista = FistaL1([masks], lam=0.0)
+    cb = FistaDecides(fista, masks, {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}, 0.5, 0.49, 0.25, 0.2)
+    cb.on_optimizer_step(_commit_state(5))
+    assert cb.chosen == [["b", "d"]] and cb.fallback == [True] and float(fista.lams[0].abs().sum()) == 0.0
+
+
+def test_by_default_the_removed_blocks_are_the_ones_fista_zeroed(toy_data):
+    train, val = toy_data
+    cycle = kp.TrainConfig(epochs=4, batch_size=16, optimizer=kp.SGD(lr=0.05), progress=False, seed=3)
+    recipe = OED(replicas=2, lam=0.05, target_params=0.7, commit_at=0.8, ramp=0.1, finetune=cycle, select_val=20)
+    info = kp.compress(_resnet(), recipe, train, val, latency=False).report["method"]
+    k = info["selected_replica"]
+    assert info["decided_by"] == ["fista", "fista"]  # no commit heuristic
+    zero = [b for b, v in zip(mask_sites(_resnet(), X), info["masks"][k]) if v == 0.0]
+    assert info["removed_blocks"] == zero and abs(info["params_kept"] - 0.7) <= 0.01

@@ -16,45 +16,43 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from kdprune.distill import kd_loss
-from kdprune.engine import (
-    TOLERANCE,
-    AdaptiveBN,
-    BudgetError,
-    BudgetMeter,
-    LatencyCheck,
-    Target,
-    adaptive_bn_score,
-    apply_edit,
-    attach_block_masks,
-    fold_block_masks,
-    mask_sites,
-    verify_latency,
-)
+from kdprune.data.transforms import Augment, apply_augment
+from kdprune.distill import KDTask, kd_loss
+from kdprune.engine import (AdaptiveBN, Target, adaptive_bn_score, attach_block_masks, fold_block_masks, mask_sites,
+                            prune_to_target)
 from kdprune.methods.base import RECAL_BATCHES, CompressContext, check_recal_batches, latency_info
+from kdprune.methods.oed_blocks import (BlockCommit, FistaDecides, block_costs, check_block_target, choose_blocks,
+                                        commit_goal, depth_goal, select_blocks)
 from kdprune.methods.registry import register_recipe, run_recipe
 from kdprune.metrics import Backend, complexity
-from kdprune.training import SGD, Step, TrainConfig, evaluate, train
-from kdprune.training.callbacks import Callback, LoopState
 from kdprune.registry import check_choice_fields, choice
+from kdprune.training import SGD, Step, TrainConfig, evaluate, train
+from kdprune.training.callbacks import Callback
 from kdprune.training.prox import FistaL1
 
 __all__ = ["OED", "LeastMask", "BlockSelection", "adaptive_bn_judge", "OEDNet", "OEDTask", "BlockCommit", "block_costs",
-           "commit_goal", "default_cycle", "select_blocks", "choose_blocks", "finish"]
+           "commit_goal", "default_cycle", "default_trim", "select_blocks", "choose_blocks", "finish"]
 
-RECIPE_VERSION = 2  # 2: blocks committed during the cycle for a target
+# 2: blocks committed during the cycle for a target; 3: the run's validation set picks the replica (none
+# carved from the training set), replicas see their own views and bootstrap weights, depth + width targets
+RECIPE_VERSION = 3
 
 
 def default_cycle() -> TrainConfig:
     """GAL's schedule shape (SGD 0.01, wd 2e-4, x0.1 step decays) at a CPU-sized length."""
     return TrainConfig(epochs=10, optimizer=SGD(lr=0.01, weight_decay=2e-4), schedule=Step(milestones=(0.5, 0.75)))
+
+
+def default_trim() -> TrainConfig:
+    """The KD fine-tune after a channel trim (depth + width targets only): short, the cycle's shape."""
+    return TrainConfig(epochs=3, optimizer=SGD(lr=0.01, weight_decay=2e-4), schedule=Step(milestones=(0.5, 0.75)))
 
 
 @choice("least-mask")
@@ -91,7 +89,20 @@ class OED:
     # network): replicas 1..K-1 start with seeded Gaussian noise of this std relative to each
     # weight tensor's std (ours; the paper does not say how its replicas differ).
     perturb: float = 0.02
-    select_val: int = 5000  # training images held out to pick the best replica (never the test set)
+    # Replicas 1..K-1 each see their own draw of the training set's augmentation of the batch (ours: the
+    # online-distillation literature's diverse peers), so that the teacher ensembles views, not copies
+    views: bool = True
+    # Replicas 1..K-1 weight their CE by their own Poisson(1) draw per image (online bagging, Oza & Russell 2001)
+    bagging: bool = True
+    select_val: int = 5000  # at most this many images of the run's validation set pick the best replica
+    # A target whole blocks do not reach within 1% (ours): blocks to the nearest fraction above it, then
+    # channels trimmed through the budget service and fine-tuned with KD from the ensemble (``trim``)
+    width: bool = True
+    trim: TrainConfig = field(default_factory=default_trim)
+    # With a target, FISTA decides (ours, issue 30): lam grows x10 every tenth of the cycle until the blocks
+    # whose masks it zeroed meet the target; they are the blocks removed. False (or no decision by
+    # commit_at): BlockCommit fixes the least-mask set instead (reported per replica in ``decided_by``)
+    continuation: bool = True
     # With a target (ours; the paper steers sparsity by lam alone): at ``commit_at`` of the cycle,
     # or as soon as the zero masks reach the target, each replica fixes the least-mask blocks
     # that meet it; those masks ramp linearly to 0 over ``ramp`` of the cycle and the other
@@ -113,7 +124,7 @@ class OED:
         if not (0 <= self.commit_at < 1 and 0 <= self.ramp <= 1 - self.commit_at):
             raise ValueError("OED needs 0 <= commit_at < 1 and 0 <= ramp <= 1 - commit_at")
         if self.select_val < 1:
-            raise ValueError("OED.select_val must be >= 1: the best replica is chosen on held-out training images")
+            raise ValueError("OED.select_val must be >= 1: the best replica is chosen on validation images")
         check_choice_fields(self)
         check_recal_batches(self)
         self.target()  # validates: at most one target fraction, in (0, 1)
@@ -173,9 +184,10 @@ class OEDNet(nn.Module):
             self._feats[k] = args[0]
         return grab
 
-    def forward_all(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Every replica's logits and the teacher's (over the ensembled penultimate features)."""
-        logits = [r(x) for r in self.replicas]
+    def forward_all(self, x: Tensor, views: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+        """Every replica's logits (replica k on ``views[k]`` when given) and the teacher's (over the
+        ensembled penultimate features)."""
+        logits = [r(x if views is None else views[k]) for k, r in enumerate(self.replicas)]
         feats = torch.stack(self._feats, 0)
         self._feats = [None] * len(self.replicas)
         w = torch.softmax(self.gate, 0) if self.gate is not None else torch.full_like(feats[:, 0, 0], 1 / len(logits))
@@ -203,20 +215,37 @@ class OEDNet(nn.Module):
             t.remove()
 
 
+def _bagged_ce(z: Tensor, y: Tensor, smoothing: float) -> Tensor:
+    """CE weighted by one Poisson(1) draw per image (online bagging)."""
+    w = torch.poisson(torch.ones(y.shape[0], device=z.device))
+    ce = F.cross_entropy(z, y, label_smoothing=smoothing, reduction="none")
+    return (w * ce).sum() / w.sum().clamp_min(1.0)
+
+
 @dataclass(eq=False)
 class OEDTask:
     """OED's loss: sum_k CE(y, z_k) + CE(y, z_T) + alpha * sum_k T^2 KL(z_T || z_k) (the teacher
-    learns from the labels only: its logits are detached in the KD terms)."""
+    learns from the labels only: its logits are detached in the KD terms). With ``views`` replica k > 0
+    sees its own random view of the batch, with ``bagging`` its CE weights each image by its own
+    Poisson(1) draw: the peers differ, so the teacher ensembles more than copies (ours)."""
 
     temperature: float = 3.0
     alpha: float = 1.0
     label_smoothing: float = 0.0
+    # the training set's own augmentation, drawn again for each replica k > 0 (its own view of the
+    # batch; from the global RNG, which the loop checkpoints, so a resumed run draws the same views)
+    views: Augment | None = None
+    bagging: bool = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(teacher logits, {"ce": replicas' CE, "ce_teacher", "kd"})."""
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        logits, teacher = net.forward_all(x)
-        ce = sum(F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits)
+        k, aug = len(net.replicas), self.views
+        views = ([x] + [apply_augment(x, aug) for _ in range(k - 1)]
+                 if aug is not None and aug.enabled and model.training else None)
+        logits, teacher = net.forward_all(x, views)
+        ce = sum(_bagged_ce(z, y, self.label_smoothing) if i and self.bagging and model.training
+                 else F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for i, z in enumerate(logits))
         kd = sum(kd_loss(z, teacher, self.temperature) for z in logits)
         return teacher, {"ce": ce, "ce_teacher": F.cross_entropy(teacher, y, label_smoothing=self.label_smoothing),
                          "kd": self.alpha * kd}
@@ -230,98 +259,23 @@ class OEDTask:
         return {"": model, **{f"replica{k}": r for k, r in enumerate(model.replicas)}}
 
 
-def _removal(model: nn.Module, x: Tensor, blocks: frozenset[str]) -> None:
-    for b in sorted(blocks):
-        apply_edit(model, {"op": "remove_block", "module": b}, x)
-
-
-def select_blocks(model: nn.Module, x: Tensor, sites: dict[str, str], values: Tensor,
-                  target: Target | None) -> frozenset[str]:
-    """Blocks to remove: every zero-mask block and, for a target, the other blocks of least total
-    mask whose removal lands within 1% of it (see ``choose_blocks``)."""
-    return choose_blocks(model, x, sites, values, target)[0]
-
-
-def choose_blocks(model: nn.Module, x: Tensor, sites: dict[str, str], values: Tensor, target: Target | None
-                  ) -> tuple[frozenset[str], LatencyCheck | None]:
-    """``select_blocks`` and, for a latency target, its end-to-end check: each block's cost is
-    measured once by the budget service's meter; removal costs add up, so a subset-sum search finds
-    the set; the chosen set is measured again physically (latency: end to end, refitted with the
-    measured/predicted correction when it misses by more than 5%)."""
-    names = list(sites)
-    zero = frozenset(b for b, v in zip(names, values.tolist()) if v == 0.0)
-    if target is None:
-        return zero, None
-    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
-    mask = dict(zip(names, values.tolist()))
-    if meter.latency is None:
-        return _pick(meter, zero, names, mask), None
-    best, check = verify_latency(meter, lambda: meter.measure(_pick(meter, zero, names, mask)),
-                                 limits=" with whole blocks", advice="; use another target or lam alone")
-    return best.candidate, check
-
-
-def _pick(meter: BudgetMeter[frozenset[str]], zero: frozenset[str], names: list[str], mask: dict[str, float]
-          ) -> frozenset[str]:
-    """The least-mask set of blocks (with every zero-mask one) that the meter says meets the target."""
-    target, tol = meter.target, meter.target.tolerance
-    base, goal = meter.kept(zero), target.value
-    if base < goal - tol:
-        raise BudgetError(f"OED: the {len(zero)} blocks whose masks reached 0 already leave {base:.4f} of "
-                          f"{target.metric}, below the target {goal}: lower lam", None)
-    cost = {b: base - meter.kept(zero | {b}) for b in names if b not in zero}
-    for extra in _subsets_near(cost, mask, base - goal, tol):
-        cand = zero | extra
-        if abs(meter.kept(cand) - goal) <= tol:
-            return cand
-    reach = sorted({round(base - sum(cost[b] for b in c), 4) for c in _subsets_near(cost, mask, base - goal, 1.0)})
-    how = " (predicted)" if meter.latency is not None else ""
-    raise BudgetError(f"OED: no set of whole blocks keeps {goal} of {target.metric} within {tol:.0%} "
-                      f"(nearest reachable{how}: {reach[:6]}); use another target or lam alone", None)
-
-
-def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, window: float = TOLERANCE,
-                  limit: int = 20) -> list[frozenset[str]]:
-    """Up to ``limit`` subsets whose summed cost is within ``window`` of ``need``, least total mask
-    first (a dynamic programme over costs rounded to 1/2000 of the dense model that keeps the
-    ``limit`` least-mask subsets of each cost: blocks of one stage cost the same, and a judge of
-    the sets needs more than the least-mask one of them)."""
-    res = 1 / 2000
-    best: dict[int, list[tuple[float, frozenset[str]]]] = {0: [(0.0, frozenset())]}
-    for b, c in cost.items():
-        step = round(c / res)
-        for k, subs in list(best.items()):
-            grown = best.get(k + step, []) + [(m + mask[b], sub | {b}) for m, sub in subs]
-            best[k + step] = sorted(grown, key=lambda t: (t[0], sorted(t[1])))[:limit]
-    near = [t for k, subs in best.items() if abs(k * res - need) <= window for t in subs]
-    return [sub for _, sub in sorted(near, key=lambda t: (t[0], sorted(t[1])))][:limit]
-
-
-def check_block_target(costs: dict[str, float], goal: float, tolerance: float, metric: str) -> None:
-    """ValueError before any training, naming the nearest kept fractions whole blocks reach, when no
-    set of blocks keeps ``goal`` within ``tolerance`` (was: found at the commit, mid-cycle)."""
-    if _subsets_near(costs, dict.fromkeys(costs, 1.0), 1.0 - goal, tolerance, limit=1):
-        return
-    res, sums = 1 / 2000, {0}
-    for c in costs.values():
-        sums |= {k + round(c / res) for k in sums}
-    kept = sorted({round(1.0 - k * res, 4) for k in sums})
-    below, above = [k for k in kept if k < goal], [k for k in kept if k > goal]
-    near = ", ".join(f"{k:g}" for k in (below[-1:] + above[:1]))
-    raise ValueError(f"OED: no set of whole blocks keeps {goal:g} of the {metric} within {tolerance:.0%}; the "
-                     f"nearest reachable fractions are {near}: give one of them, or use a channel method")
-
-
-def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig) -> tuple[nn.Module, dict]:
-    """Keep the best replica on the held-out split, fold its surviving masks, remove its
-    zero-mask (and, for a target, lowest-mask) blocks physically."""
+def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig,
+           blocks_target: Target | None = None, decided: list | None = None) -> tuple[nn.Module, dict]:
+    """Keep the best replica on the validation images, fold its surviving masks, remove its
+    zero-mask (and, for a target, lowest-mask) blocks physically. ``blocks_target``: what the blocks
+    meet (the recipe's target, or its depth goal when channels do the rest); ``decided``: per
+    replica, the blocks FISTA zeroed to meet it (None where BlockCommit chose), removed as they are."""
     net.cpu()
     accs = [evaluate(r, held, batch_size=eval_cfg.eval_batch_size, device="cpu")["top1"] for r in net.replicas]
     k = max(range(len(accs)), key=lambda i: (accs[i], -i))
     values = net.masks[k].detach().clone()
     net.detach_hooks()
     model = net.replicas[k]
-    removed, check = choose_blocks(model, x, net.sites, values, recipe.target())
+    target = blocks_target or recipe.target()
+    if decided is not None and decided[k] is not None and (target is None or target.latency is None):
+        removed, check = frozenset(decided[k]), None
+    else:
+        removed, check = choose_blocks(model, x, net.sites, values, target)
     for i, b in enumerate(net.sites):
         if b in removed:
             values[i] = 0.0
@@ -333,67 +287,6 @@ def finish(net: OEDNet, recipe: OED, x: Tensor, held: Any, eval_cfg: TrainConfig
                    "zero_mask_blocks": int((net.masks[k] == 0).sum()),
                    "flops_kept": after.flops / dense.flops, "params_kept": after.params / dense.params,
                    **latency_info(check)}
-
-
-class BlockCommit(Callback):
-    """For a target: per replica, fix the blocks to remove during the cycle (at ``commit_at`` of
-    its steps, or once the zero masks alone reach the target), ramp their masks linearly to 0 over
-    ``ramp`` of the steps and stop shrinking the others (their lam -> 0 in ``fista``)."""
-
-    def __init__(self, fista: FistaL1, masks: nn.Parameter, costs: dict[str, float], goal: float,
-                 commit_at: float, ramp: float, tolerance: float = TOLERANCE,
-                 judge: Callable[[int, list[frozenset[str]]], list[float]] | None = None, judged: int = 1) -> None:
-        self.fista, self.masks, self.names = fista, masks, list(costs)
-        self.costs, self.goal, self.commit_at, self.ramp = costs, goal, commit_at, ramp
-        self.tolerance, self.judge, self.judged = tolerance, judge, judged
-        self.scores: list[list[dict[str, Any]] | None] = [None] * masks.shape[0]  # the judge's, per replica
-        self.chosen: list[list[str] | None] = [None] * masks.shape[0]
-        self.start: list[Tensor | None] = [None] * masks.shape[0]  # mask values at commit
-        self.at = [0] * masks.shape[0]  # step of the commit
-
-    def _kept(self, blocks: Sequence[str]) -> float:
-        return 1.0 - sum(self.costs[b] for b in blocks)  # removal costs add up (see select_blocks)
-
-    def _commit(self, k: int, step: int) -> None:
-        mask = dict(zip(self.names, self.masks[k].tolist()))
-        near = _subsets_near(self.costs, mask, 1.0 - self.goal, self.tolerance)
-        if not near:
-            raise ValueError(f"OED: no set of whole blocks keeps {self.goal} within {self.tolerance:.0%}")
-        pick = near[0]
-        if self.judge is not None:  # the first of equal scores: the least-mask set wins ties
-            sets = near[:self.judged]
-            top1 = self.judge(k, sets)
-            pick = sets[max(range(len(sets)), key=lambda i: (top1[i], -i))]
-            self.scores[k] = [{"blocks": sorted(s), "top1": t} for s, t in zip(sets, top1)]
-        self.chosen[k], self.start[k], self.at[k] = sorted(pick), self.masks[k].detach().clone(), step
-        lam = self.fista.lams[0]
-        lam = lam.clone() if isinstance(lam, Tensor) else torch.full_like(self.masks, lam)
-        lam[k] = 0.0  # the kept blocks stop shrinking; the chosen ones follow the ramp below
-        self.fista.set_lam(lam)
-
-    @torch.no_grad()
-    def on_optimizer_step(self, state: LoopState) -> None:
-        """After FISTA's step: commit where due, then hold the chosen masks under their ramp."""
-        total = state.steps_per_epoch * state.epochs
-        for k in range(self.masks.shape[0]):
-            zeros = [b for b, v in zip(self.names, self.masks[k].tolist()) if v == 0.0]
-            if self.chosen[k] is None and (state.step >= self.commit_at * total
-                                           or self._kept(zeros) <= self.goal + self.tolerance):
-                self._commit(k, state.step)
-            if self.chosen[k] is not None:
-                frac = 1.0 - (state.step - self.at[k]) / max(1.0, self.ramp * total)
-                idx = [self.names.index(b) for b in self.chosen[k]]
-                cap = self.start[k][idx] * max(0.0, frac)
-                self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "at": self.at, "scores": self.scores,
-                "start": [s.clone() if s is not None else None for s in self.start]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.chosen, self.at = [list(c) if c is not None else None for c in state["chosen"]], list(state["at"])
-        self.scores = list(state.get("scores", self.scores))
-        self.start = [s.clone() if s is not None else None for s in state["start"]]
 
 
 def adaptive_bn_judge(net: OEDNet, x: Tensor, train: Any, held: Any, sel: AdaptiveBN
@@ -415,60 +308,124 @@ def adaptive_bn_judge(net: OEDNet, x: Tensor, train: Any, held: Any, sel: Adapti
     return judge
 
 
-def block_costs(model: nn.Module, x: Tensor, sites: dict[str, str], target: Target) -> dict[str, float]:
-    """Each block's removal cost (fraction of the dense metric), measured on an edited copy."""
-    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
-    return {b: 1.0 - meter.kept(frozenset({b})) for b in sites}
+def _validation(val: Any, n: int, seed: int) -> Any:
+    """At most ``n`` images of the run's validation set (stratified where it can be): what picks the
+    replica and judges block sets. Never carved from the training set (issue 30)."""
+    if val is None:
+        raise ValueError("OED keeps the replica with the best top-1 on the run's validation set: give one "
+                         "(kp.load_splits / --val-split), not the test set")
+    if len(val) <= n:
+        return val
+    if hasattr(val, "split"):  # an ImageDataset: stratified
+        return val.split(n, seed=seed)[1]
+    order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))  # any torch Dataset
+    return Subset(val, order[:n].sort().values.tolist())
 
 
-def commit_goal(model: nn.Module, x: Tensor, sites: dict[str, str], target: Target) -> float:
-    """The kept fraction BlockCommit aims for with ``block_costs``: the target's, or for latency
-    the predicted one that the measured/predicted correction, found by a block set meeting the
-    target end to end, maps onto the target (so an unreachable latency target fails before
-    the cycle, not after it)."""
-    if target.latency is None:
-        return target.value
-    meter: BudgetMeter[frozenset[str]] = BudgetMeter(model, x, target, apply=_removal)
-    names = list(sites)
-    verify_latency(meter, lambda: meter.measure(_pick(meter, frozenset(), names, dict.fromkeys(names, 1.0))),
-                   limits=" with whole blocks", advice="; use another target or lam alone")
-    return meter.predicted_goal()  # BlockCommit sums the raw (uncorrected) costs
+@dataclass(frozen=True)
+class _BlocksPlan:
+    """What the blocks meet (None: lam alone decides), each block's cost, the commit goal, and
+    whether channels are trimmed afterwards to meet the recipe's target (depth + width)."""
+
+    target: Target | None = None
+    costs: dict[str, float] = field(default_factory=dict)
+    goal: float = 1.0
+    width: bool = False
 
 
-def _held_out(train_set: Any, n: int, seed: int) -> tuple[Any, Any]:
-    n = min(n, max(1, len(train_set) // 5))  # small (test) sets: at most a fifth held out
-    if hasattr(train_set, "split"):  # an ImageDataset: stratified
-        return train_set.split(n, seed=seed)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))  # any torch Dataset
-    return Subset(train_set, order[n:].sort().values.tolist()), Subset(train_set, order[:n].sort().values.tolist())
+def _blocks_plan(recipe: OED, model: nn.Module, x: Tensor, sites: dict[str, str]) -> _BlocksPlan:
+    """A FLOPs/params target whole blocks miss gets a depth goal above it when ``recipe.width``."""
+    target = recipe.target()
+    if target is None:
+        return _BlocksPlan()
+    costs, goal = block_costs(model, x, sites, target), commit_goal(model, x, sites, target)
+    if not recipe.width or target.latency is not None:  # a latency depth goal would need a measured split
+        check_block_target(costs, goal, target.tolerance, target.metric)
+        return _BlocksPlan(target, costs, goal)
+    depth = depth_goal(costs, goal, target.tolerance)
+    if depth == goal:
+        return _BlocksPlan(target, costs, goal)
+    return _BlocksPlan(Target(**{target.metric: depth}), costs, depth, width=True)
+
+
+def _ensemble_snapshot(net: OEDNet, model: nn.Module, recipe: OED) -> OEDNet:
+    """A frozen copy of the trained replicas + teacher head (its forward: the ensemble's logits),
+    taken before ``finish`` turns the kept replica into the pruned model."""
+    teacher = OEDNet(model, net.sites, recipe.replicas, recipe.gated)
+    teacher.load_state_dict(net.state_dict())
+    return teacher.cpu().eval()
+
+
+def _trim(pruned: nn.Module, teacher: OEDNet, recipe: OED, ctx: CompressContext, info: dict) -> list[dict]:
+    """Channels cut until the recipe's target holds (the budget service on the block-pruned model),
+    then ``trim`` epochs of KD from the ensemble; ``info`` gets how much came from depth and width."""
+    target = recipe.target()
+    after_blocks = info[f"{target.metric}_kept"]
+    rel = Target(**{target.metric: target.value / after_blocks})
+
+    def cut() -> dict[str, Any]:
+        rep = prune_to_target(pruned, ctx.example_input.cpu(), rel)
+        return {"achieved": rep.achieved * after_blocks, "channels_removed": rep.plan.num_removed,
+                "relative_target": rel.value}
+
+    width = ctx.removal_step("trim-cut", pruned, cut)
+    info["recalibration_trim"] = ctx.recalibrate(pruned, recipe)
+    info["depth_width"] = {"metric": target.metric, "kept_by_blocks": after_blocks,
+                           "kept_by_channels": width["achieved"] / after_blocks, "kept": width["achieved"],
+                           "channels_removed": width["channels_removed"]}
+    task = KDTask(teacher, temperature=recipe.temperature, alpha=0.9, label_smoothing=recipe.trim.label_smoothing)
+    res = train(pruned, ctx.train, ctx.val, ctx.with_progress(recipe.trim, "oed trim"), task=task,
+                out_dir=ctx.stage_dir("trim"), resume=ctx.resumable("trim"), save_model=False)
+    return res.history
+
+
+def _callbacks(recipe: OED, net: OEDNet, fista: FistaL1, plan: _BlocksPlan, x: Tensor, ctx: CompressContext,
+               held: Any) -> list[Callback]:
+    """FISTA, then (for a target) the block commit, so that its ramp caps what FISTA produced."""
+    if plan.target is None:
+        return [fista]
+    sel = recipe.select
+    judge = adaptive_bn_judge(net, x, ctx.train, held, sel) if isinstance(sel, AdaptiveBN) else None
+    judging = {"judge": judge, "judged": 1 + sel.candidates if judge is not None else 1}
+    tol = plan.target.tolerance
+    if recipe.continuation:
+        low = (recipe.target().value if plan.width else plan.goal) - tol  # width trims what blocks leave above
+        return [fista, FistaDecides(fista, net.masks, plan.costs, plan.goal, low, recipe.commit_at, recipe.ramp,
+                                    tol, **judging)]
+    return [fista, BlockCommit(fista, net.masks, plan.costs, plan.goal, recipe.commit_at, recipe.ramp, tol,
+                               **judging)]
 
 
 @run_recipe.register
 def _(recipe: OED, model: nn.Module, ctx: CompressContext) -> tuple[nn.Module, dict]:
     x = ctx.example_input
     sites = mask_sites(model, x)
-    train_set, held = _held_out(ctx.train, recipe.select_val, recipe.finetune.seed)
+    held = _validation(ctx.val, recipe.select_val, recipe.finetune.seed)
+    plan = _blocks_plan(recipe, model, x, sites)
     net = OEDNet(model, sites, recipe.replicas, recipe.gated, recipe.perturb, recipe.finetune.seed)
     scale = recipe.mask_lr / recipe.finetune.optimizer.lr if recipe.mask_lr is not None else 1.0
     fista = FistaL1([net.masks], recipe.lam, scale, recipe.restart_on_decay)
-    task = OEDTask(recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing)
-    callbacks: list[Callback] = [fista]
-    target = recipe.target()
-    if target is not None:  # after FISTA's step, so the ramp caps what FISTA produced
-        costs, goal = block_costs(model, x, sites, target), commit_goal(model, x, sites, target)
-        check_block_target(costs, goal, target.tolerance, target.metric)
-        sel = recipe.select
-        judge = adaptive_bn_judge(net, x, train_set, held, sel) if isinstance(sel, AdaptiveBN) else None
-        callbacks.append(BlockCommit(fista, net.masks, costs, goal, recipe.commit_at, recipe.ramp, target.tolerance,
-                                     judge, 1 + sel.candidates if judge is not None else 1))
-    res = train(net, train_set, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
+    aug = getattr(ctx.train, "augment", None) if recipe.views else None  # a label-safe view needs the set's own
+    task = OEDTask(recipe.temperature, recipe.alpha, recipe.finetune.label_smoothing,
+                   aug if isinstance(aug, Augment) and aug.enabled else None, recipe.bagging)
+    callbacks = _callbacks(recipe, net, fista, plan, x, ctx, held)
+    res = train(net, ctx.train, held, ctx.with_progress(recipe.finetune, "oed"), task=task,
                 out_dir=ctx.stage_dir("oed"), resume=ctx.resumable("oed"), callbacks=callbacks,
                 record={"method": "oed"}, save_model=False)
-    pruned, info = finish(net, recipe, x.cpu(), held, recipe.finetune)
+    teacher = _ensemble_snapshot(net, model, recipe) if plan.width else None
+    fista_sets = ([c if not f else None for c, f in zip(callbacks[1].chosen, callbacks[1].fallback)]
+                  if isinstance(callbacks[-1], FistaDecides) else None)
+    pruned, info = finish(net, recipe, x.cpu(), held, recipe.finetune, plan.target, fista_sets)
     info["recalibration"] = ctx.recalibrate(pruned, recipe)  # masks folded, blocks gone: every BN
-    info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history)
+    info.update(held_out=len(held), fista_restarts=fista.restarts, train=res.history,
+                replica_views=repr(task.views) if task.views is not None else "off", bagging=task.bagging)
     if len(callbacks) > 1:
-        info.update(committed_blocks=callbacks[1].chosen, committed_at_step=callbacks[1].at)
+        info.update(committed_blocks=callbacks[1].chosen, committed_at_step=callbacks[1].at,
+                    decided_by=["fista" if c is not None else "commit" for c in fista_sets]
+                    if fista_sets is not None else ["commit"] * recipe.replicas)
         if callbacks[1].judge is not None:
             info["adaptive_bn"] = callbacks[1].scores
+    target = recipe.target()
+    if teacher is not None and abs(info[f"{target.metric}_kept"] - target.value) > target.tolerance:
+        info["trim"] = _trim(pruned, teacher, recipe, ctx, info)
     return pruned, info
