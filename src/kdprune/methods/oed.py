@@ -4,11 +4,12 @@ mask on every residual branch of K replicas of the pretrained model, driven to e
 FISTA (kdprune.training.prox); an online teacher whose features average (or gate) the replicas'
 penultimate features, with its own classifier; all trained together in one cycle with
 ``sum_k CE(z_k) + CE(z_T) + alpha * sum_k T^2 KL(z_T || z_k)``. At the end the replica with the
-best accuracy on a split held out from the training set is kept, its surviving masks folded into
-the branch ends and its zero-mask blocks removed physically (``remove_block``, in the structure
-log). A target is met by also removing the blocks of least total mask whose costs (measured by
-the budget service's meter: FLOPs, params, or latency predicted by the per-layer table) sum to it;
-a latency target is then checked end to end and refitted with the measured/predicted correction.
+best accuracy on the run's validation set is kept, its surviving masks folded into the branch
+ends and its zero-mask blocks removed physically (``remove_block``, in the structure log). For a
+target (ours) FISTA's lam grows until its zero masks meet it (``oed_blocks.FistaDecides``); a
+FLOPs/params target between block counts is met by blocks, then channels trimmed and fine-tuned
+with KD from the ensemble (depth + width); replicas see their own augmentation draws and
+bootstrap weights, so that the ensemble has more than copies to average.
 
 This module is where the engine (block masks, removal, budget) and distill (KD loss) meet.
 """
