@@ -49,6 +49,7 @@ def test_method_lines(finished):
         assert 0 <= r["top1"] <= 100 and "val_top1" in r  # test reported, val held out of the training images
         assert 0 <= r["pruned_val_top1"] <= 100 and 0 <= r["recalibrated_val_top1"] <= 100  # the removal step
         assert r["config"]["finetune"]["seed"] == r["seed"] and r["config"]["finetune"]["threads"] == 1
+        assert r["train_flops"] > 0  # counted training compute (issue 36): the basis of equal-compute rows
         model = kp.load_pruned(cfg.runs / r["run"] / "model")
         assert kp.complexity(model, input_size=(1, 1, 8, 8)).flops == pytest.approx(
             r["flops_kept"] * read_lines(cfg.results)[0]["flops"], rel=1e-3)

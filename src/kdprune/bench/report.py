@@ -67,6 +67,8 @@ def _row(key: tuple, lines: list[dict]) -> dict[str, Any]:
                params_kept=round(statistics.fmean(r["params_kept"] for r in ok), 4),
                epochs="/".join(str(e) for e in sorted({r.get("epochs") for r in ok})),
                wall_s=round(statistics.fmean(r["wall_s"] for r in ok)) if all("wall_s" in r for r in ok) else None)
+    if all(r.get("train_flops") for r in ok):  # counted training compute, in TFLOPs (10^12)
+        row["train_tflops"] = round(statistics.fmean(r["train_flops"] for r in ok) / 1e12, 2)
     for key in ("val_top1", *_REMOVAL):  # the held-out split every choice is read off (the test is only reported)
         vals = [r[key] for r in ok if r.get(key) is not None]
         if vals and len(vals) == len(ok):
@@ -245,7 +247,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], x_key: str, xlabel: str, path: P
 
 _COLUMNS = {"method": "method", "recipe": "recipe", "budget": "budget", "target": "target (kept)",
             "top1": "test top-1 %", "delta": "vs base", "flops_kept": "FLOPs kept", "params_kept": "params kept",
-            "epochs": "epochs", "wall_s": "wall s"}
+            "epochs": "epochs", "train_tflops": "train TFLOPs (counted)", "wall_s": "wall s"}
 
 
 #: The model right after a method's removal step (before fine-tuning), without and with the BatchNorm
@@ -256,6 +258,8 @@ _REMOVAL = {"pruned_val_top1": "pruned val %", "recalibrated_val_top1": "+ BN re
 
 def _markdown(cfg: BenchConfig, rows: list[dict], lines: list[dict], stored: dict, plots: list[Path]) -> str:
     cols = dict(_COLUMNS)
+    if not any("train_tflops" in r for r in rows):  # lines from before the count (issue 36): no column
+        cols.pop("train_tflops")
     extra = [("val_top1", "val top-1 %")] if any("val_top1" in r for r in rows) else []
     extra += [(k, v) for k, v in _REMOVAL.items() if any(k in r for r in rows)]
     if extra:  # beside the test columns: the split choices are read off, the removal step's scores

@@ -247,6 +247,8 @@ def _run_line(b: _Bench, spec: RunSpec) -> dict[str, Any]:
                 params_kept=round(after["params"] / before["params"], 4),
                 wall_s=round(rep["wall_time_s"] + earlier_s, 1), base_top1=b.base_top1, resumed=resumed,
                 config=rep["recipe"])
+    if "train_flops" in rep:  # counted (training/compute.py): the basis of "equal compute", never wall time
+        line["train_flops"] = rep["train_flops"]
     if earlier_s:
         line["wall_earlier_s"] = round(earlier_s, 1)  # included in wall_s: epochs of the killed process
     if test is not None:

@@ -18,7 +18,7 @@ from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import write_json
 from kdprune.metrics import Backend
 from kdprune.registry import check_choice_fields
-from kdprune.training import SGD, Cosine, TrainConfig
+from kdprune.training import SGD, Cosine, TrainConfig, compute
 
 RECIPE_VERSION = 1
 
@@ -211,7 +211,9 @@ class CompressContext:
         ``before``, all without it), remembered for the report."""
         cfg = recal_config(recipe)
         pre = copy.deepcopy(model)
-        rep = recalibrate_norms(model, self.train, cfg if seed is None else replace(cfg, seed=seed), before)
+        cfg = cfg if seed is None else replace(cfg, seed=seed)
+        rep, flops = compute.counted(recalibrate_norms, model, self.train, cfg, before)
+        compute.add(flops)  # its forward passes are training compute (issue 36)
         self.removal = (pre.eval(), copy.deepcopy(model).eval() if rep.norms else None)
         return rep.as_dict()
 

@@ -16,7 +16,7 @@ from kdprune.io import check_savable, save_pruned
 from kdprune.methods.base import EXTRA_MODELS, CompressContext
 from kdprune.methods.registry import run_recipe
 from kdprune.metrics import Backend, available_backends, compare_backends, complexity, format_markdown, layer_widths
-from kdprune.training import check_input_compat, evaluate, train
+from kdprune.training import check_input_compat, compute, evaluate, train
 from kdprune.training.config_io import to_tagged_dict
 from kdprune.utils.dist import is_main_process
 from kdprune.utils.meta import run_metadata, write_json
@@ -107,13 +107,14 @@ def compress(
     if out is not None and is_main_process():
         _claim_run(out, recipe, resume)
     ctx = CompressContext(dense, train, val, x, out, resume, progress, factory)
-    pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
+    with compute.tally() as spent:  # every training step and BN re-estimation the method runs (issue 36)
+        pruned, info = run_recipe(recipe, copy.deepcopy(model), ctx)
     extras = info.pop(EXTRA_MODELS, {})
     pruned.eval()
     report = {"recipe": _recipe_record(recipe), "before": before, "after": measure(pruned, scored, x),
               "scored_on": "test" if test is not None else "val",
               "widths": {"before": layer_widths(dense), "after": layer_widths(pruned)},
-              "method": info, "wall_time_s": time.perf_counter() - start}
+              "method": info, "wall_time_s": time.perf_counter() - start, "train_flops": spent.total}
     if ctx.removal is not None:  # right after the removal step: before fine-tuning, without and with recal.
         pre, post = ctx.removal
         report["pruned"] = measure(pre, scored, x)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from kdprune.data import as_loader
 from kdprune.distill.tasks import CETask
+from kdprune.training import compute
 from kdprune.training.callbacks import Callback, LoopState, StopTraining
 from kdprune.training.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint,
@@ -170,20 +171,26 @@ def _train_epoch(runner, bundle, loader, opt, sched, cfg, state, callbacks, devi
     """One pass over this rank's shard; returns all-reduced loss/accuracy/terms and throughput."""
     runner.train()
     meter = _EpochMeter(device)
+    per_image, images = 0.0, 0
     for i, (x, y) in enumerate(loader):
         if i >= state.steps_per_epoch:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits, terms = _step(runner, bundle, opt, sched, cfg, state, callbacks, x, y)
-        if i == 0:
+        if i == 0:  # the first step's ops counted (compute.py): every model the task runs, forward and backward
+            (loss, logits, terms), flops = compute.counted(_step, runner, bundle, opt, sched, cfg, state, callbacks,
+                                                            x, y)
+            per_image = flops / max(1, x.shape[0])
             _check_terms(terms, bundle.task)
+        else:
+            loss, logits, terms = _step(runner, bundle, opt, sched, cfg, state, callbacks, x, y)
+        images += x.shape[0]
         meter.update(loss, logits, y, terms)
         _progress(bar, i, meter, state.lr)
     state.x = state.y = state.outputs = None  # do not keep the last batch's graph alive
     state.terms = {}
-    return meter.reduce()
+    return {**meter.reduce(), "train_flops": per_image * images * dist_info().world_size}
 
 
 def _progress(bar, i: int, meter: _EpochMeter, lr: float) -> None:
@@ -323,8 +330,10 @@ def train(
     runner = wrap(bundle, device, info.enabled)
     for cb in callbacks:
         cb.on_train_start(state)
-    return _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state,
-                       callbacks, device, out, history, info.is_main, save_model)
+    res = _run_epochs(runner, bundle, loader, val_data, opt, sched, cfg, state,
+                      callbacks, device, out, history, info.is_main, save_model)
+    compute.add(compute.history_flops(res.history))  # restored epochs included: a resumed run counts the same
+    return res
 
 
 def _evaluate_all(bundle: TaskModule, val_data: Any, cfg: TrainConfig, device) -> dict[str, float]:
