@@ -15,7 +15,7 @@ demo: $(STAMP)  ## short real compression demo on Fashion-MNIST (~4-6 min on 2 c
 	bash scripts/demo.sh
 
 test: $(STAMP)  ## fast test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n auto --dist loadfile  # one worker per core; a file stays on one worker (its fixtures are built once)
 
 test-all: $(STAMP)  ## including slow tests
 	$(PY) -m pytest -q
