@@ -172,6 +172,23 @@ def test_equal_wall_only_at_its_targets(tmp_path):
         tiny_config(tmp_path, equal_wall={"reference": "tpm", "methods": ["l1"], "targets": [{"flops": 0.3}]})
 
 
+def test_equal_compute_gives_the_baseline_the_references_counted_flops(tmp_path):
+    """Issue 36: epochs = the reference's counted train_flops over the baseline's own per epoch (never
+    fewer than at equal epochs), not its wall time; lines without a count give no run."""
+    from kdprune.bench.run import EQUAL_COMPUTE, EQUAL_EPOCHS, compute_runs
+
+    cfg = tiny_config(tmp_path, equal_compute=[{"reference": "tpm", "methods": ["l1"]}])
+    lines = [{"method": m, "budget": EQUAL_EPOCHS, "target_metric": "flops", "target_value": 0.5, "seed": 0,
+              "epochs": 1, "wall_s": w, "train_flops": f, "run": m}
+             for m, w, f in (("l1", 10.0, 2e9), ("tpm", 1.0, 7.5e9))]  # fast in seconds, costly in FLOPs
+    (run,) = compute_runs(cfg, lines, 0)
+    assert run.recipe.finetune.epochs == 3 and run.budget == EQUAL_COMPUTE and run.reference["train_flops"] == 7.5e9
+    assert run.tag == "l1-compute-tpm-flops0.5-s0"
+    assert compute_runs(cfg, [{k: v for k, v in r.items() if k != "train_flops"} for r in lines], 0) == []
+    with pytest.raises(ValueError, match="no method labelled"):
+        tiny_config(tmp_path, equal_compute={"reference": "nope", "methods": ["l1"]})
+
+
 def test_a_resumed_run_counts_the_epochs_of_the_killed_process(tmp_path):
     from kdprune.bench.run import _earlier_seconds
 

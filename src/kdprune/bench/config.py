@@ -16,7 +16,7 @@ from kdprune.models.pretrained import PREFIX
 from kdprune.training import TrainConfig
 from kdprune.training.config_io import from_dict, load_yaml, merge_tagged, to_tagged_dict
 
-__all__ = ["DataSpec", "Budget", "EqualWall", "LatencySpec", "BenchMethod", "BenchConfig", "CONTROL",
+__all__ = ["DataSpec", "Budget", "EqualWall", "EqualCompute", "LatencySpec", "BenchMethod", "BenchConfig", "CONTROL",
            "load_config", "config_from_dict", "build_recipe", "configure", "configure_stage", "stage_names",
            "target_label"]
 
@@ -69,6 +69,17 @@ class EqualWall:
 
 
 @dataclass(frozen=True)
+class EqualCompute:
+    """Equal training compute (issue 36): each of ``methods`` also runs with as many fine-tune epochs
+    as fit in ``reference``'s counted training FLOPs (``train_flops``: every forward and backward it
+    ran) at the same target and seed, from its own counted FLOPs per epoch; never fewer epochs."""
+
+    reference: str
+    methods: tuple[str, ...]
+    targets: tuple[Target, ...] | None = None
+
+
+@dataclass(frozen=True)
 class LatencySpec:
     """Report-time CPU latency: interleaved rounds at these batch sizes."""
 
@@ -101,6 +112,7 @@ class BenchConfig:
     runs: Path
     budget: Budget = field(default_factory=Budget)
     equal_wall: EqualWall | None = None
+    equal_compute: tuple[EqualCompute, ...] = ()  # one per reference method
     latency: LatencySpec = field(default_factory=LatencySpec)
     machine: str | None = None  # recorded in every line; None: described from this machine
     progress: bool = False
@@ -188,11 +200,16 @@ def _targets(items: Any, where: str) -> tuple[Target, ...]:
     return tuple(out)
 
 
-def _equal_wall(d: Any, where: str) -> EqualWall:
+def _equal_wall(d: Any, where: str, kind: type = EqualWall) -> Any:
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected {{reference: LABEL, methods: [LABEL...], targets: [...]}}, got {d!r}")
-    ew = from_dict(EqualWall, {k: v for k, v in d.items() if k != "targets"}, where)
+    ew = from_dict(kind, {k: v for k, v in d.items() if k != "targets"}, where)
     return replace(ew, targets=_targets(d["targets"], f"{where}.targets")) if "targets" in d else ew
+
+
+def _equal_compute(d: Any, where: str) -> tuple[EqualCompute, ...]:
+    items = d if isinstance(d, list) else [d]
+    return tuple(_equal_wall(x, f"{where}[{i}]", EqualCompute) for i, x in enumerate(items))
 
 
 _METHOD_KEYS = {"label", "method", "recipe", "targets"}
@@ -221,18 +238,25 @@ def _check(cfg: BenchConfig, where: str) -> None:
     for m in cfg.methods:
         for t in cfg.targets_of(m):
             configure(m.recipe, t, cfg.seeds[0], cfg.budget).target()  # each run's recipe validates
-    if cfg.equal_wall is not None:
-        ew = cfg.equal_wall
-        unknown = [lb for lb in (ew.reference, *ew.methods) if lb not in labels]
-        if unknown:
-            raise ValueError(f"{where}.equal_wall: no method labelled {unknown[0]!r}; labels: {', '.join(labels)}")
-        missing = [t for t in ew.targets or () if not any(t in cfg.targets_of(cfg.method(lb)) for lb in ew.methods)]
-        if missing:
-            raise ValueError(f"{where}.equal_wall.targets: {missing[0]} is not a target of {list(ew.methods)}")
-        bad = [lb for lb in ew.methods if lb == ew.reference or "finetune" not in stage_names(cfg.method(lb).recipe)]
-        if bad:
-            raise ValueError(f"{where}.equal_wall: {bad} cannot be given more fine-tune epochs "
-                             f"(the reference itself, or no finetune stage)")
+    matched = [(f"{where}.equal_wall", cfg.equal_wall)] if cfg.equal_wall is not None else []
+    matched += [(f"{where}.equal_compute[{i}]", ec) for i, ec in enumerate(cfg.equal_compute)]
+    for at, ew in matched:
+        _check_matched(cfg, ew, labels, at)
+
+
+def _check_matched(cfg: BenchConfig, ew: EqualWall | EqualCompute, labels: list[str], where: str) -> None:
+    """An equal-wall or equal-compute block names real methods, their targets, and methods that can be
+    given more fine-tune epochs."""
+    unknown = [lb for lb in (ew.reference, *ew.methods) if lb not in labels]
+    if unknown:
+        raise ValueError(f"{where}: no method labelled {unknown[0]!r}; labels: {', '.join(labels)}")
+    missing = [t for t in ew.targets or () if not any(t in cfg.targets_of(cfg.method(lb)) for lb in ew.methods)]
+    if missing:
+        raise ValueError(f"{where}.targets: {missing[0]} is not a target of {list(ew.methods)}")
+    bad = [lb for lb in ew.methods if lb == ew.reference or "finetune" not in stage_names(cfg.method(lb).recipe)]
+    if bad:
+        raise ValueError(f"{where}: {bad} cannot be given more fine-tune epochs "
+                         f"(the reference itself, or no finetune stage)")
 
 
 @dataclass(frozen=True)
@@ -240,8 +264,8 @@ class _Seeds:
     seeds: tuple[int, ...]
 
 
-_KEYS = {"name", "base", "data", "seeds", "targets", "methods", "budget", "equal_wall", "latency", "results",
-         "runs", "machine", "progress"}
+_KEYS = {"name", "base", "data", "seeds", "targets", "methods", "budget", "equal_wall", "equal_compute", "latency",
+         "results", "runs", "machine", "progress"}
 
 
 def config_from_dict(d: dict[str, Any], root: str | Path = ".", where: str = "bench config") -> BenchConfig:
@@ -265,6 +289,7 @@ def config_from_dict(d: dict[str, Any], root: str | Path = ".", where: str = "be
         methods=tuple(_method(m, budget, f"{where}.methods[{i}]") for i, m in enumerate(methods)),
         results=root / d["results"], runs=root / d["runs"], budget=budget,
         equal_wall=_equal_wall(d["equal_wall"], f"{where}.equal_wall") if d.get("equal_wall") else None,
+        equal_compute=_equal_compute(d["equal_compute"], f"{where}.equal_compute") if d.get("equal_compute") else (),
         latency=from_dict(LatencySpec, d.get("latency") or {}, f"{where}.latency"),
         machine=d.get("machine"), progress=bool(d.get("progress", False)))
     _check(cfg, where)

@@ -27,9 +27,9 @@ from kdprune.training import evaluate, resolve_device, train
 from kdprune.training.config_io import to_tagged_dict
 
 __all__ = ["BenchData", "RunSpec", "prepare_data", "load_base", "grid", "wall_runs", "run_bench",
-           "EQUAL_EPOCHS", "EQUAL_WALL", "BASE_RUN", "BASE_LABEL", "CONTROL_LABEL"]
+           "EQUAL_EPOCHS", "EQUAL_WALL", "EQUAL_COMPUTE", "compute_runs", "BASE_RUN", "BASE_LABEL", "CONTROL_LABEL"]
 
-EQUAL_EPOCHS, EQUAL_WALL = "equal epochs", "equal wall"
+EQUAL_EPOCHS, EQUAL_WALL, EQUAL_COMPUTE = "equal epochs", "equal wall", "equal compute"
 BASE_RUN, BASE_LABEL, CONTROL_LABEL = "dense-base", "dense base", "dense + same epochs"
 
 
@@ -110,23 +110,37 @@ def wall_runs(cfg: BenchConfig, lines: list[dict], seed: int) -> list[RunSpec]:
     measured wall time (from its own seconds per epoch), never fewer than at equal epochs; only
     at ``equal_wall.targets`` (all when None) and where both equal-epoch lines of this target and
     seed are in the results."""
-    ew, out = cfg.equal_wall, []
-    if ew is None:
-        return out
+    if cfg.equal_wall is None:
+        return []
+    return _matched_runs(cfg, cfg.equal_wall, lines, seed, "wall_s", "wall", EQUAL_WALL)
+
+
+def compute_runs(cfg: BenchConfig, lines: list[dict], seed: int) -> list[RunSpec]:
+    """Equal training compute (issue 36): as ``wall_runs``, by counted ``train_flops`` instead of
+    measured seconds, for every ``equal_compute`` block."""
+    return [s for ec in cfg.equal_compute
+            for s in _matched_runs(cfg, ec, lines, seed, "train_flops", "compute", EQUAL_COMPUTE)]
+
+
+def _matched_runs(cfg: BenchConfig, ew: Any, lines: list[dict], seed: int, key: str, tag: str,
+                  budget: str) -> list[RunSpec]:
+    """Each of ``ew.methods`` with as many fine-tune epochs as fit in the reference's ``key`` (from its
+    own ``key`` per epoch at equal epochs), never fewer."""
+    out = []
     for label in ew.methods:
         m = cfg.method(label)
         for t in cfg.targets_of(m):
             if ew.targets is not None and t not in ew.targets:
                 continue
             ref, own = _find(lines, ew.reference, t, seed), _find(lines, label, t, seed)
-            if ref is None or own is None:
+            if ref is None or own is None or not ref.get(key) or not own.get(key):
                 continue
-            epochs = max(own["epochs"], math.floor(ref["wall_s"] / (own["wall_s"] / own["epochs"])))
+            epochs = max(own["epochs"], math.floor(ref[key] / (own[key] / own["epochs"])))
             base = _spec(cfg, m, t, seed)
             ft = base.recipe.finetune
             recipe = replace(base.recipe, finetune=replace(ft, epochs=ft.epochs + epochs - own["epochs"]))
-            out.append(RunSpec(f"{label}-wall-{ew.reference}-{target_label(t)}-s{seed}", label, recipe, t, seed,
-                               EQUAL_WALL, {"run": ref["run"], "method": ew.reference, "wall_s": ref["wall_s"]}))
+            out.append(RunSpec(f"{label}-{tag}-{ew.reference}-{target_label(t)}-s{seed}", label, recipe, t, seed,
+                               budget, {"run": ref["run"], "method": ew.reference, key: ref[key]}))
     return out
 
 
@@ -341,4 +355,5 @@ def run_bench(cfg: BenchConfig, data: tuple[ImageDataset, ImageDataset] | None =
             _control(b, seed)
         if equal_wall:
             _run_specs(b, [s for s in wall_runs(cfg, b.lines, seed) if s.label in chosen])
+            _run_specs(b, [s for s in compute_runs(cfg, b.lines, seed) if s.label in chosen])
     return b.new
