@@ -116,3 +116,13 @@ def test_a_sliced_owner_attribute_follows_the_cut_and_is_replayed_on_load(tmp_pa
     save_pruned(model, tmp_path / "m", factory=Ghost)
     loaded = load_pruned(tmp_path / "m", factory=Ghost).eval()
     assert loaded.oup == model.oup and torch.equal(loaded(X), model(X))
+
+
+def test_the_exactness_trial_stops_at_its_time_budget_naming_it(monkeypatch):
+    import kdprune.engine.groups as groups_mod
+
+    torch.manual_seed(0)
+    model = randomize(Literal().eval(), X)
+    monkeypatch.setattr(groups_mod, "TRIAL_BUDGET_S", -1.0)  # already past: nothing is cleared
+    rows = {r.name: r for r in describe(model, X)}
+    assert not rows["stem.0"].prunable and "ran past its" in rows["stem.0"].reason

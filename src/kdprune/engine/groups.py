@@ -12,6 +12,7 @@ model whose constructs all map exactly costs one extra trace.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from dataclasses import replace
 from typing import Sequence
@@ -27,7 +28,7 @@ from kdprune.engine.links import GroupStatus, raw_group_table
 from kdprune.engine.masks import zero_channels
 from kdprune.engine.prune import apply_plan
 
-__all__ = ["group_table", "channel_groups", "EXACT_OPS", "inexact_groups"]
+__all__ = ["group_table", "channel_groups", "EXACT_OPS", "TRIAL_BUDGET_S", "inexact_groups"]
 
 _ROOTS = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)
 
@@ -91,15 +92,25 @@ def _trial(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup]) ->
     return None
 
 
-def inexact_groups(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup]) -> dict[str, str]:
+#: Seconds the exactness trial may bisect for: past them, the groups not yet cleared stay whole with
+#: that reason (never a hang on a model with many inexact groups).
+TRIAL_BUDGET_S = 60.0
+
+
+def inexact_groups(model: nn.Module, x: torch.Tensor, groups: Sequence[ChannelGroup],
+                   deadline: float | None = None) -> dict[str, str]:
     """Root -> why, for the groups whose pruning is not exact (trialled together, then bisected)."""
+    deadline = time.perf_counter() + TRIAL_BUDGET_S if deadline is None else deadline
+    if time.perf_counter() > deadline:
+        return {g.root: f"not checked: the exactness trial ran past its {TRIAL_BUDGET_S:.0f} s "
+                        "(kdprune.engine.groups.TRIAL_BUDGET_S)" for g in groups}
     why = _trial(model, x, groups)
     if why is None:
         return {}
     if len(groups) == 1:
         return {groups[0].root: why}
     half = len(groups) // 2
-    found = {**inexact_groups(model, x, groups[:half]), **inexact_groups(model, x, groups[half:])}
+    found = {**inexact_groups(model, x, groups[:half], deadline), **inexact_groups(model, x, groups[half:], deadline)}
     return found or {g.root: f"{why} (only together with other groups)" for g in groups}
 
 
