@@ -35,7 +35,9 @@ from kdprune.engine import (
     apply_plan,
     channel_groups,
     decomposed_convs,
+    L1,
     fit_budget,
+    importance_scores,
     merge_is_cheaper,
     plan_pruning,
 )
@@ -305,6 +307,10 @@ def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: lis
         scores = {g.root: fams[g.root].norms().double().cpu() for g in edp_groups}
     else:
         scores = {g.root: contribution(model, g) for g in edp_groups}
+    # Groups no decomposed layer carries (a grouped conv's, issue 29: only ungrouped convs decompose) are
+    # cut by their filters' L1 norms beside them (mean-normalised, so a Global rate compares the two)
+    others = [g for g in groups if g.root not in fams]
+    scores.update({r: v.double().cpu() for r, v in importance_scores(model, others, L1()).items()})
 
     def prune_and_merge(m: nn.Module, xx: torch.Tensor, plan: PruningPlan) -> None:
         apply_plan(m, xx, plan)
@@ -315,15 +321,16 @@ def _prune_to_target(model: nn.Module, recipe: EDP, x: torch.Tensor, groups: lis
     meter: BudgetMeter[PruningPlan] = BudgetMeter(model, x, recipe.target(), apply=prune_and_merge, dense=dense,
                                                   reference=original)
     fit = fit_budget(model, x, recipe.target(),
-                     lambda r: plan_pruning(edp_groups, scores, r, recipe.mode, floor, round_to),
+                     lambda r: plan_pruning(edp_groups + others, scores, r, recipe.mode, floor, round_to),
                      meter=meter, bisection=Bisection(first_within=True),
-                     limits=f" with the groups of {len(fams)} coefficient families",
-                     advice=" (EDP prunes only the decomposed layers' groups: select more layers)")
+                     limits=f" with the groups of {len(fams)} coefficient families and {len(others)} other groups",
+                     advice="")
     apply_plan(model, x, fit.best.candidate)
     zero = {r: int((scores[r] == 0).sum()) for r in scores}
     achieved = fit.latency.measured if fit.latency is not None else fit.best.kept
     return {"achieved": achieved, "channels_removed": fit.best.candidate.num_removed,
             "zero_groups": sum(zero.values()), "groups": sum(g.channels for g in edp_groups),
+            "other_groups": len(others),
             **latency_info(fit.latency)}
 
 
