@@ -208,6 +208,21 @@ def test_tracing_is_stopped_with_a_clear_error(monkeypatch):
     assert time.perf_counter() - t < 1.9  # stopped, not waited out
 
 
+def test_the_trace_guard_leaves_a_users_alarm_alone(monkeypatch):
+    """With a SIGALRM handler of the user's installed, tracing neither replaces it nor arms the timer."""
+    import signal
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        monkeypatch.setattr(graph_mod, "TRACE_TIMEOUT_S", 0.3)
+        assert channel_groups(SlowTrace(), X)  # slower than the limit, but the user's alarm is theirs
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0 and not fired
+        assert signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_channel_groups_time_and_memory_bounded():
     """Every construct traced in a fresh process: under 30 s each and under 2 GB peak in all."""
     code = ("import json, resource, sys, time, torch; from tests.engine.test_constructs import FACTORIES, X; "

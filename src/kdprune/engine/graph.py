@@ -292,8 +292,13 @@ class TraceTimeout(RuntimeError):
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise TraceTimeout after ``seconds`` (main thread on POSIX only; elsewhere no limit)."""
+    """Raise TraceTimeout after ``seconds`` (main thread on POSIX only; elsewhere no limit). A
+    library must not take the process's alarm from its user: when a SIGALRM handler of theirs is
+    installed or a real-time timer is running, there is no limit either."""
     if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None) or signal.getitimer(signal.ITIMER_REAL)[0]:
         yield
         return
 
