@@ -251,3 +251,25 @@ SPLIT_CONSTRUCTS = {
     "eca": ECANet, "partialres": PartialResNet,
     "composite": Composite,
 }
+
+
+class DerivedCSPStage(CSPStage):
+    """CSP as a third-party zoo writes it: the split size derived from an attribute (``self.expand_chs // 2``)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        del self.half
+        self.expand_chs = 2 * c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = self.expand(x).split(self.expand_chs // 2, dim=1)
+        return self.transition(torch.cat([xs, self.blocks(xb)], dim=1))
+
+
+class DerivedCSPNet(CSPNet):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.stages = nn.Sequential(DerivedCSPStage(16), conv_bn(16, 32, 3, 2), DerivedCSPStage(32))
+
+
+SPLIT_CONSTRUCTS["csp-derived"] = DerivedCSPNet

@@ -126,3 +126,23 @@ def test_the_exactness_trial_stops_at_its_time_budget_naming_it(monkeypatch):
     monkeypatch.setattr(groups_mod, "TRIAL_BUDGET_S", -1.0)  # already past: nothing is cleared
     rows = {r.name: r for r in describe(model, X)}
     assert not rows["stem.0"].prunable and "ran past its" in rows["stem.0"].reason
+
+
+def test_a_bound_derived_from_an_attribute_is_traced_and_rewritten_through_its_ratio():
+    """``split(self.expand_chs // 2)`` (no attribute holds the size itself): doubling expand_chs doubles
+    the size, so the size is expand_chs * 1/2 and expand_chs follows the pruned width (was: a barrier)."""
+    from kdprune.engine import Target, prune_to_target
+    from kdprune.engine.reshape import trace_channel_ops
+    from kdprune.engine.slices import derive_sources
+
+    from .constructs_split import DerivedCSPNet
+
+    torch.manual_seed(0)
+    model = randomize(DerivedCSPNet().eval(), X)
+    _, sliced = trace_channel_ops(model, X)
+    calls = [c for c, _ in derive_sources(model, X, sliced)]
+    assert all(c.sources == (("size", "expand_chs", 1, 2),) for c in calls) and len(calls) == 2
+    assert [s.expand_chs for s in (model.stages[0], model.stages[2])] == [32, 64]  # probes restored them
+    prune_to_target(model, X, Target(flops=0.5))
+    for stage in (model.stages[0], model.stages[2]):
+        assert stage.expand_chs == stage.expand[0].out_channels == 2 * stage.blocks[0][0].in_channels

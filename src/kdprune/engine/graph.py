@@ -21,7 +21,7 @@ from torch_pruning.pruner import function as tpf
 from kdprune.engine.positional import pad_positions, positional_pairs
 from kdprune.engine.reshape import (ChannelReshape, ChannelShuffle, find_channel_shuffles, routed_forward,
                                     trace_channel_ops)
-from kdprune.engine.slices import ChannelSlice, slice_calls
+from kdprune.engine.slices import ChannelSlice, derive_sources, slice_calls
 
 __all__ = [
     "Member", "Part", "ChannelGroup", "build_graph", "find_barriers",
@@ -228,6 +228,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         model.eval()
         with _masks_disabled(model):
             calls, sliced = trace_channel_ops(model, example_input)
+            sliced = derive_sources(model, example_input, sliced)  # bounds computed from an attribute
             shuffles = find_channel_shuffles(model, example_input, calls)
             taken = {s.first for s in shuffles} | {s.first + 1 for s in shuffles}
             pairs = positional_pairs(model, calls, taken)

@@ -16,13 +16,15 @@ engine's exactness check (``kdprune.engine.verify``) then keeps the group whole.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["SliceCall", "ChannelSlice", "SLICERS", "channel_pieces", "slice_calls", "write_call", "write_rest"]
+__all__ = ["SliceCall", "ChannelSlice", "SLICERS", "channel_pieces", "derive_sources", "slice_calls", "write_call",
+           "write_rest"]
 
 SLICERS = frozenset({
     torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
@@ -42,8 +44,9 @@ class SliceCall:
     width: int
     pieces: tuple[tuple[int, int], ...]
     equal: bool  # pieces sized by the run-time width (chunk, split by shape): they must stay equal
-    # ("start" | "stop" | "size" | "sizes" | "length", attribute name) bounds read from the owner module
-    sources: tuple[tuple[str, str], ...] = ()
+    # ("start" | "stop" | "size" | "sizes" | "length", attribute name[, p, q]) bounds read from the owner
+    # module: the attribute itself, or (derive_sources) attribute * p / q
+    sources: tuple[tuple, ...] = ()
 
     def describe(self, piece: int) -> str:
         """A readable label for one piece, used as the stand-in's name."""
@@ -189,15 +192,95 @@ class ChannelSlice(nn.Module):
         self.kept = [c for i, c in enumerate(self.kept) if i not in drop]
         owner = self._owner[0]
         a, b = self.bounds
-        for role, name in self.call.sources:
+        for role, name, *ratio in self.call.sources:
             if role == "sizes":
                 sizes = list(getattr(owner, name))
                 sizes[self.piece] = b - a
                 setattr(owner, name, type(getattr(owner, name))(sizes))
-            else:
-                setattr(owner, name, {"start": a, "stop": b, "size": b - a, "length": b - a}[role])
+                continue
+            bound = {"start": a, "stop": b, "size": b - a, "length": b - a}[role]
+            p, q = ratio or (1, 1)  # a derived bound (derive_sources): attribute * p / q
+            setattr(owner, name, bound * q // p)
 
 
 def slice_calls(records: list[tuple[SliceCall, nn.Module | None]]) -> list[ChannelSlice]:
     """One stand-in per piece of every recorded call, in call order."""
     return [ChannelSlice(c, p, owner) for c, owner in records for p in range(len(c.pieces))]
+
+
+class _Found(Exception):
+    """Stops a probing forward at the slice it looks for."""
+
+
+class _ProbeSlice(TorchFunctionMode):
+    """Reads the bound arguments of the ``k``-th channel slice (writes counted too) and stops."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.n, self.args = k, 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        hit = (write_rest(args) is not None if func is torch.Tensor.__setitem__
+               else func in SLICERS and channel_pieces(func, args, kwargs, out) is not None)
+        if hit:
+            if self.n == self.k:
+                self.args = (func, args, kwargs)
+                raise _Found
+            self.n += 1
+        return out
+
+
+def _bound(func: Any, args: tuple, kwargs: dict, role: str) -> Any:
+    if role == "size":
+        return kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+    s = args[1][1]
+    return s.start if role == "start" else s.stop
+
+
+def _probe_bound(model: nn.Module, x: torch.Tensor, k: int, role: str) -> Any:
+    mode = _ProbeSlice(k)
+    try:
+        with torch.no_grad(), mode:
+            model(x)
+    except _Found:
+        return _bound(*mode.args, role)
+    except Exception:  # noqa: BLE001 - the perturbed attribute broke the forward before the slice
+        return None
+    return None
+
+
+def derive_sources(model: nn.Module, x: torch.Tensor, records: list[tuple[SliceCall, nn.Module | None]]
+                   ) -> list[tuple[SliceCall, nn.Module | None]]:
+    """Bounds computed from an owner attribute (``split(self.expand_chs // 2)``): for a split size or
+    a slice bound no attribute holds as it is, each int attribute of the owner is doubled in turn and
+    the same call probed; a bound that doubles with it is ``attribute * p / q`` (q <= 8), rewritten
+    through that ratio. The attribute is restored after each probe."""
+    out = []
+    for k, (call, owner) in enumerate(records):
+        (a, b), width = call.pieces[0], call.width
+        roles = {"split": ("size",), "getitem": ("start",) * (a > 0) + ("stop",) * (b < width)}.get(call.op, ())
+        have = {r for r, *_ in call.sources}
+        seen = {"size": b - a, "start": a, "stop": b}  # the bound each role had in the recorded call
+        found = [s for r in roles if r not in have for s in [_derive(model, x, k, r, owner, seen[r])] if s is not None]
+        out.append((replace(call, sources=call.sources + tuple(found)) if found else call, owner))
+    return out
+
+
+def _derive(model: nn.Module, x: torch.Tensor, k: int, role: str, owner: nn.Module | None, base: int
+            ) -> tuple | None:
+    if owner is None or base <= 0:
+        return None
+    for name, value in [(n, v) for n, v in vars(owner).items() if not n.startswith("_") and type(v) is int and v > 0]:
+        q = next((q for q in range(1, 9) if (base * q) % value == 0), None)
+        if q is None or base * q // value > 8:
+            continue  # not attribute * p / q with small p, q: not worth a probing forward
+        setattr(owner, name, 2 * value)
+        try:
+            moved = _probe_bound(model, x, k, role)
+        finally:
+            setattr(owner, name, value)
+        if moved == 2 * base:
+            return (role, name, base * q // value, q)  # bound = attribute * p / q
+    return None
