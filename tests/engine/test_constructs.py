@@ -66,7 +66,8 @@ EXPECT = {
     "dualpath": Expect(),
     # issue 31: splits and slices by attribute (self.half, self.width, self.splits, self.oup) follow the
     # pruned width; a weight-standardised conv is folded into the plain conv it runs
-    "csp": Expect(), "csp-derived": Expect(), "res2net": Expect(), "mixconv": Expect(), "ghost": Expect(), "ws": Expect(),
+    "csp": Expect(), "csp-derived": Expect(), "res2net": Expect(), "mixconv": Expect(), "ghost": Expect(),
+    "ws": Expect(),
     # ECA's 1-D conv runs across channels: its transposes are linked, the conv pads removed positions
     "eca": Expect(),
     # SK: branches stacked along dim 1, attention viewed as (branch, channel), reduced back: one channel c
