@@ -224,6 +224,13 @@ def test_the_trace_guard_leaves_a_users_alarm_alone(monkeypatch):
         signal.signal(signal.SIGALRM, old)
 
 
+def _json_of(code: str) -> dict:
+    """The last line ``code`` prints, as JSON, run in a fresh interpreter from the repository root."""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def test_channel_groups_time_and_memory_bounded():
     """Every construct traced in a fresh process: under 30 s each and under 2 GB peak in all."""
     code = ("import json, resource, sys, time, torch; from tests.engine.test_constructs import FACTORIES, X; "
@@ -231,9 +238,7 @@ def test_channel_groups_time_and_memory_bounded():
             "for n, f in FACTORIES.items():\n"
             "    s = time.perf_counter(); channel_groups(f().eval(), X); t[n] = time.perf_counter() - s\n"
             "print(json.dumps({'s': t, 'rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300,
-                         cwd=ROOT).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    res = _json_of(code)
     assert max(res["s"].values()) < 30, res["s"]
     assert res["rss_kb"] < 2 * 1024 * 1024, res["rss_kb"]
 
@@ -246,9 +251,7 @@ def test_a_50_conv_net_at_64px_is_discovered_and_pruned_within_60s_on_one_core()
             "torch.manual_seed(0); m = Composite().eval(); x = torch.randn(1, 3, 64, 64); s = time.perf_counter(); "
             "channel_groups(m, x); r = prune_to_target(m, x, Target(flops=0.5)); "
             "print(json.dumps({'s': time.perf_counter() - s, 'kept': r.achieved}))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300,
-                         cwd=ROOT).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    res = _json_of(code)
     assert res["s"] < 60 and abs(res["kept"] - 0.5) <= TOLERANCE, res
 
 

@@ -6,9 +6,6 @@ bit-exactly in a fresh process (the slices' bounds are rewritten again by the re
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ import kdprune as kp
 from kdprune.cli.recipe_flags import methods, recipe_fields
 
 from ..engine.constructs_split import Composite
+from .reload import reload_mismatches
 
 pytestmark = pytest.mark.slow
 TINY = kp.TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, augment=False, progress=False)
@@ -79,14 +77,4 @@ def test_every_method_meets_l1s_target_on_every_construct_or_says_why(runs):
 
 def test_what_they_saved_reloads_bit_exactly_in_a_fresh_process(runs):
     root, out, _, _ = runs
-    code = ("import sys, json, torch, kdprune as kp; from tests.methods.test_constructs_reach import build; "
-            "torch.set_num_threads(1); "
-            f"ref = torch.load({str(root / 'ref.pt')!r}, weights_only=True); bad = []\n"
-            "for name, want in ref['out'].items():\n"
-            f"    m = kp.load_pruned({str(root)!r} + '/' + name + '/model', factory=build).eval()\n"
-            "    with torch.no_grad(): got = m(ref['x'])\n"
-            "    bad += [] if torch.equal(got, want) else [name]\n"
-            "print(json.dumps(bad))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert out and reload_mismatches(root, "tests.methods.test_constructs_reach:build", timeout=600) == []

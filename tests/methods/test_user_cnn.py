@@ -4,9 +4,6 @@ save, reload in a fresh process (same outputs), export to ONNX with parity."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,8 @@ from torch.utils.data import TensorDataset
 
 import kdprune as kp
 from kdprune.cli.recipe_flags import methods, recipe_fields
+
+from .reload import reload_mismatches
 
 TINY = kp.TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, augment=False, progress=False)
 # targets each method's steps reach on so small a net (whole blocks: OED's one residual block)
@@ -106,17 +105,7 @@ def test_every_method_compresses_the_user_cnn_or_says_why(compressed):
 
 def test_saved_models_reload_in_a_fresh_process_with_the_same_outputs(compressed):
     root, out, _ = compressed
-    code = ("import sys, json, torch, kdprune as kp; from tests.methods.test_user_cnn import build; "
-            "torch.set_num_threads(1); "  # as the tests run: the same kernels, bit for bit
-            f"ref = torch.load({str(root / 'ref.pt')!r}, weights_only=True); bad = []\n"
-            "for name, want in ref['out'].items():\n"
-            f"    m = kp.load_pruned({str(root)!r} + '/' + name + '/model', factory=build).eval()\n"
-            "    with torch.no_grad(): got = m(ref['x'])\n"
-            "    bad += [] if torch.equal(got, want) else [name]\n"
-            "print(json.dumps(bad))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert reload_mismatches(root, "tests.methods.test_user_cnn:build", timeout=300) == []
     assert len(out) >= len(methods()) - 1
 
 

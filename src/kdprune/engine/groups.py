@@ -23,7 +23,7 @@ from torch import nn
 from torch_pruning import ops
 
 from kdprune.engine.allocate import PruningPlan
-from kdprune.engine.graph import _UNPRUNABLE, ChannelGroup, build_graph, invalid_member
+from kdprune.engine.graph import _UNPRUNABLE, RESHAPE_ROOT, ChannelGroup, build_graph, invalid_member
 from kdprune.engine.links import GroupStatus, raw_group_table
 from kdprune.engine.masks import zero_channels
 from kdprune.engine.prune import apply_plan
@@ -61,7 +61,7 @@ def _trial_plan(groups: Sequence[ChannelGroup]) -> PruningPlan:
         chosen = {i for c in classes[1::3] for i in c}
         for p in g.parts:
             mine = {c for c in p.map if c >= 0}
-            if mine and mine <= chosen and not p.root.startswith("@"):
+            if mine and mine <= chosen and not p.root.startswith(RESHAPE_ROOT):  # a stand-in's piece may go whole
                 chosen -= next(set(c) for c in classes if min(mine) in c)
         if chosen:
             removals[g.root] = sorted(chosen)

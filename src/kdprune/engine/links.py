@@ -101,11 +101,11 @@ def _raw_groups(model: nn.Module, dg: tp.DependencyGraph, excluded: dict[nn.Modu
                 break
         out.append(_Raw(dg._module2name[root], order.get(root, len(order)), members,
                         _sites(dg, model, members), why, len(members[0].idxs)))
-    out += _shuffle_outputs(model, dg, out, len(order))
+    out += _stand_in_outputs(model, dg, out, len(order))
     return sorted(out, key=lambda r: r.order)
 
 
-def _shuffle_outputs(model: nn.Module, dg: tp.DependencyGraph, found: Sequence[_Raw], last: int) -> list[_Raw]:
+def _stand_in_outputs(model: nn.Module, dg: tp.DependencyGraph, found: Sequence[_Raw], last: int) -> list[_Raw]:
     """Groups rooted at a shuffle's output or a channel slice's piece where no layer's output group
     reaches it (it feeds a plain conv or a split directly), so that the link can join it."""
     stand_ins = getattr(dg, "kdprune_stand_ins", ())
@@ -154,6 +154,11 @@ class _Links:
 
     def __init__(self) -> None:
         self.chans, self.comps, self.ties, self.resolved = _UnionFind(), _UnionFind(), [], set()
+
+    def join(self, a: tuple[int, int], b: tuple[int, int]) -> None:
+        """Channels ``a`` and ``b`` ((group index, root channel)) are one, so their groups are one."""
+        self.chans.union(a, b)
+        self.comps.union(a[0], b[0])
 
 
 def _link(raws: Sequence[_Raw], model: nn.Module, dg: tp.DependencyGraph) -> _Links:
@@ -213,8 +218,7 @@ def _link_slices(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph) ->
             continue  # a side DepGraph did not trace whole: the slice stays a barrier
         for o, (a, _) in zip(outs, call.pieces):
             for j, owner in o.items():
-                links.chans.union(x_in[a + j], owner)
-                links.comps.union(owner[0], x_in[a + j][0])
+                links.join(x_in[a + j], owner)
         for g, _ in x_in.values():
             links.comps.union(g, x_in[0][0])
         if call.equal:
@@ -265,8 +269,7 @@ def _link_stacks(links: _Links, raws: Sequence[_Raw], dg: tp.DependencyGraph) ->
         for m in views:
             pairs += [(owner, anchor[l % c]) for l, owner in _channel_owners(raws, dg._module2name[m], "in").items()]
         for a, b in pairs:
-            links.chans.union(a, b)
-            links.comps.union(a[0], b[0])
+            links.join(a, b)
         links.resolved |= {dg._module2name[m] for m in stacks + exits + views}
 
 
@@ -277,8 +280,7 @@ def _link_multiplier(links: _Links, raws: Sequence[_Raw], name: str, mod: nn.Mod
         return
     k = mod.out_channels // mod.in_channels
     for l, owner in b.items():
-        links.chans.union(owner, a[l // k])
-        links.comps.union(owner[0], a[l // k][0])
+        links.join(owner, a[l // k])
 
 
 def _merge_members(members: Iterable[Member]) -> tuple[Member, ...]:

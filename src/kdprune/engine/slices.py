@@ -84,32 +84,44 @@ def channel_pieces(func: Any, args: tuple, kwargs: dict, out: Any) -> tuple[tupl
     return tuple(pieces)
 
 
+def _split_size(args: tuple, kwargs: dict) -> Any:
+    """The size argument of a ``split`` call (an int or a list of sizes)."""
+    return kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+
+
+def _int_attrs(owner: nn.Module | None) -> dict[str, int]:
+    """The owner's public positive int attributes (where a forward keeps its slice bounds)."""
+    return {k: v for k, v in (vars(owner) if owner is not None else {}).items()
+            if not k.startswith("_") and type(v) is int and v > 0}
+
+
+def _attr_holding(owner: nn.Module | None, value: Any) -> str | None:
+    """The one int attribute of ``owner`` equal to ``value`` (None: none, or several: ambiguous)."""
+    names = [k for k, v in _int_attrs(owner).items() if v == value] if type(value) is int else []
+    return names[0] if len(names) == 1 else None
+
+
 def _sources(func: Any, args: tuple, kwargs: dict, owner: nn.Module | None) -> tuple[tuple[str, str], ...]:
     """The owner's attributes that hold this call's bounds (matched by value)."""
     if owner is None:
         return ()
-    ints = {k: v for k, v in vars(owner).items() if not k.startswith("_") and type(v) is int}
     lists = {k: v for k, v in vars(owner).items() if not k.startswith("_") and isinstance(v, (list, tuple))
              and v and all(type(i) is int for i in v)}
-
-    def attr(value: Any) -> str | None:
-        names = [k for k, v in ints.items() if v == value] if type(value) is int and value > 0 else []
-        return names[0] if len(names) == 1 else None
 
     found: list[tuple[str, str | None]] = []
     if func is torch.Tensor.__getitem__:
         s = args[1][1]
-        found = [("start", attr(s.start)), ("stop", attr(s.stop))]
+        found = [("start", _attr_holding(owner, s.start)), ("stop", _attr_holding(owner, s.stop))]
     elif func in (torch.Tensor.split, torch.split):
-        size = kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+        size = _split_size(args, kwargs)
         if isinstance(size, (list, tuple)):
             names = [k for k, v in lists.items() if list(v) == list(size)]
             found = [("sizes", names[0] if len(names) == 1 else None)]
         else:
-            found = [("size", attr(size))]
+            found = [("size", _attr_holding(owner, size))]
     elif func in (torch.Tensor.narrow, torch.narrow):
-        found = [("start", attr(args[2] if len(args) > 2 else kwargs.get("start"))),
-                 ("length", attr(args[3] if len(args) > 3 else kwargs.get("length")))]
+        found = [("start", _attr_holding(owner, args[2] if len(args) > 2 else kwargs.get("start"))),
+                 ("length", _attr_holding(owner, args[3] if len(args) > 3 else kwargs.get("length")))]
     return tuple((role, name) for role, name in found if name is not None)
 
 
@@ -154,9 +166,8 @@ def write_call(args: tuple, module: str, owner: nn.Module | None) -> SliceCall |
     (a, b), rest = found
     s = args[1][1]
     bound = s.stop if a == 0 else s.start  # the rest starts where the write stops, or stops where it starts
-    names = [k for k, v in (vars(owner) if owner is not None else {}).items()
-             if not k.startswith("_") and type(v) is int and v == bound and bound is not None]
-    sources = ((("start" if a == 0 else "stop"), names[0]),) if len(names) == 1 else ()
+    name = _attr_holding(owner, bound)
+    sources = ((("start" if a == 0 else "stop"), name),) if name is not None else ()
     return SliceCall(module, "setitem", int(args[0].shape[1]), (rest,), False, sources)
 
 
@@ -234,7 +245,7 @@ class _ProbeSlice(TorchFunctionMode):
 
 def _bound(func: Any, args: tuple, kwargs: dict, role: str) -> Any:
     if role == "size":
-        return kwargs.get("split_size_or_sections", kwargs.get("split_size", args[1] if len(args) > 1 else None))
+        return _split_size(args, kwargs)
     s = args[1][1]
     return s.start if role == "start" else s.stop
 
@@ -272,7 +283,7 @@ def _derive(model: nn.Module, x: torch.Tensor, k: int, role: str, owner: nn.Modu
             ) -> tuple | None:
     if owner is None or base <= 0:
         return None
-    for name, value in [(n, v) for n, v in vars(owner).items() if not n.startswith("_") and type(v) is int and v > 0]:
+    for name, value in _int_attrs(owner).items():
         q = next((q for q in range(1, 9) if (base * q) % value == 0), None)
         if q is None or base * q // value > 8:
             continue  # not attribute * p / q with small p, q: not worth a probing forward

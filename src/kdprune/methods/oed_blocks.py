@@ -87,7 +87,7 @@ def _subsets_near(cost: dict[str, float], mask: dict[str, float], need: float, w
 def check_block_target(costs: dict[str, float], goal: float, tolerance: float, metric: str) -> None:
     """ValueError before any training, naming the nearest kept fractions whole blocks reach, when no
     set of blocks keeps ``goal`` within ``tolerance`` (was: found at the commit, mid-cycle)."""
-    if _subsets_near(costs, dict.fromkeys(costs, 1.0), 1.0 - goal, tolerance, limit=1):
+    if _blocks_reach(costs, goal, tolerance):
         return
     kept = _reachable(costs)
     below, above = [k for k in kept if k < goal], [k for k in kept if k > goal]
@@ -143,10 +143,14 @@ class BlockCommit(Callback):
                                            or self._kept(zeros) <= self.goal + self.tolerance):
                 self._commit(k, state.step)
             if self.chosen[k] is not None:
-                frac = 1.0 - (state.step - self.at[k]) / max(1.0, self.ramp * total)
-                idx = [self.names.index(b) for b in self.chosen[k]]
-                cap = self.start[k][idx] * max(0.0, frac)
-                self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
+                self._ramp(k, state.step, total)
+
+    def _ramp(self, k: int, step: int, total: int) -> None:
+        """Cap replica ``k``'s committed masks by their values at commit, falling linearly to 0."""
+        frac = 1.0 - (step - self.at[k]) / max(1.0, self.ramp * total)
+        idx = [self.names.index(b) for b in self.chosen[k]]
+        cap = self.start[k][idx] * max(0.0, frac)
+        self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
 
     def state_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "at": self.at, "scores": self.scores,
@@ -178,6 +182,11 @@ def commit_goal(model: nn.Module, x: Tensor, sites: dict[str, str], target: Targ
     return meter.predicted_goal()  # BlockCommit sums the raw (uncorrected) costs
 
 
+def _blocks_reach(costs: dict[str, float], goal: float, tolerance: float) -> bool:
+    """Whether some set of whole blocks keeps ``goal`` within ``tolerance`` (removal costs add up)."""
+    return bool(_subsets_near(costs, dict.fromkeys(costs, 1.0), 1.0 - goal, tolerance, limit=1))
+
+
 def _reachable(costs: dict[str, float]) -> list[float]:
     """Every kept fraction whole blocks reach (costs add up; rounded to 1/2000 of the dense model)."""
     res, sums = 1 / 2000, {0}
@@ -189,7 +198,7 @@ def _reachable(costs: dict[str, float]) -> list[float]:
 def depth_goal(costs: dict[str, float], goal: float, tolerance: float) -> float:
     """What whole blocks aim for under a target of ``goal``: ``goal`` itself where a set of blocks keeps
     it within ``tolerance``, else the nearest fraction they keep above it (channels do the rest)."""
-    if _subsets_near(costs, dict.fromkeys(costs, 1.0), 1.0 - goal, tolerance, limit=1):
+    if _blocks_reach(costs, goal, tolerance):
         return goal
     return min(k for k in _reachable(costs) if k > goal)
 
@@ -260,17 +269,9 @@ class FistaDecides(BlockCommit):
                     self.fista.set_lam(self.lam)
             if self.chosen[k] is not None and not self.fallback[k]:
                 self.masks[k, [self.names.index(b) for b in self.chosen[k]]] = 0.0
-        self._ramp(state, total)
+            elif self.fallback[k]:  # BlockCommit's ramp, for the replicas that fell back to it
+                self._ramp(k, state.step, total)
         self.prev = self.masks.detach().clone()
-
-    def _ramp(self, state: LoopState, total: int) -> None:
-        """BlockCommit's ramp, for the replicas that fell back to it."""
-        for k in range(self.masks.shape[0]):
-            if self.fallback[k]:
-                frac = 1.0 - (state.step - self.at[k]) / max(1.0, self.ramp * total)
-                idx = [self.names.index(b) for b in self.chosen[k]]
-                cap = self.start[k][idx] * max(0.0, frac)
-                self.masks[k, idx] = torch.minimum(self.masks[k, idx], cap.to(self.masks.device))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "fallback": list(self.fallback), "prev": self.prev.clone(),
